@@ -111,12 +111,14 @@ setup_promtool() {
     return
   fi
   command -v apt-get >/dev/null || { echo "apt-get not found: cannot fetch promtool"; return 1; }
-  if ! apt-cache policy prometheus 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-    as_root apt-get update -qq
-  fi
   local deb="$WORK/deb"
   mkdir -p "$deb" "$TOOLS/bin"
-  (cd "$deb" && apt-get download -qq prometheus 2>&1 | grep -v 'unsandboxed' || true)
+  # Package lists missing or stale (the listed version gone from the mirror):
+  # update them and try once more.
+  if ! (cd "$deb" && apt-get download -qq prometheus 2>/dev/null); then
+    as_root apt-get update -qq
+    (cd "$deb" && apt-get download -qq prometheus 2>&1 | grep -v 'unsandboxed' || true)
+  fi
   compgen -G "$deb/prometheus_*.deb" >/dev/null || { echo "apt-get download prometheus failed"; return 1; }
   dpkg-deb -x "$deb"/prometheus_*.deb "$deb/x"
   install -m 0755 "$deb/x/usr/bin/promtool" "$TOOLS/bin/promtool"
