@@ -57,8 +57,12 @@ impl WavInfo {
 /// A parsed header and the bytes of its complete sample frames.
 #[derive(Clone, Copy, Debug)]
 pub struct Wav<'a> {
+    /// What the header declares (`frames` from the declared data chunk size).
     pub info: WavInfo,
+    /// The complete frames actually present.
     data: &'a [u8],
+    /// Declared and present data chunk bytes, when the file is cut short.
+    truncated: Option<(u32, usize)>,
 }
 
 const WAVE_FORMAT_PCM: u16 = 0x0001;
@@ -195,11 +199,14 @@ fn parse_fmt(body: &[u8]) -> Result<(u16, u32, Encoding), String> {
 }
 
 /// Reads the RIFF/WAVE header up to the start of the data chunk. Does not decode
-/// samples, so it is cheap enough to run before any duration check.
+/// samples, so it is cheap enough to run before any duration check; `info.frames`
+/// is what the header declares.
 ///
 /// A data chunk size of `0xFFFFFFFF` (written by streaming encoders that cannot seek
-/// back) means "to the end of the file". A data chunk shorter than declared is an
-/// error; trailing bytes that do not fill a whole frame are ignored.
+/// back) means "to the end of the file". A data chunk shorter than declared is
+/// reported by [`Wav::decode_mono`] (so a caller can first refuse a clip whose
+/// declared duration is too long); trailing bytes that do not fill a whole frame
+/// are ignored.
 pub fn parse(bytes: &[u8]) -> Result<Wav<'_>, String> {
     if bytes.is_empty() {
         return Err(unsupported("empty input; expected a RIFF/WAVE file"));
@@ -271,26 +278,12 @@ pub fn parse(bytes: &[u8]) -> Result<Wav<'_>, String> {
                 let Some((channels, sample_rate, encoding)) = fmt else {
                     return Err(invalid("the data chunk comes before the fmt chunk"));
                 };
-                let data_len = if size == u32::MAX {
+                let declared = if size == u32::MAX {
                     available
-                } else if (size as usize) > available {
-                    let mut info = WavInfo {
-                        channels,
-                        sample_rate,
-                        frames: 0,
-                        encoding,
-                    };
-                    let frame = info.bytes_per_sample() * channels as usize;
-                    info.frames = size as u64 / frame as u64;
-                    return Err(truncated(format!(
-                        "the data chunk declares {size} bytes ({} frames) but only {available} \
-                         bytes ({} frames) are present",
-                        info.frames,
-                        available / frame
-                    )));
                 } else {
                     size as usize
                 };
+                let present = declared.min(available);
                 let mut info = WavInfo {
                     channels,
                     sample_rate,
@@ -298,9 +291,14 @@ pub fn parse(bytes: &[u8]) -> Result<Wav<'_>, String> {
                     encoding,
                 };
                 let frame = info.bytes_per_sample() * channels as usize;
-                info.frames = (data_len / frame) as u64;
-                let data = &bytes[body_start..body_start + data_len / frame * frame];
-                return Ok(Wav { info, data });
+                info.frames = (declared / frame) as u64;
+                let data = &bytes[body_start..body_start + present / frame * frame];
+                let truncated = (present < declared).then_some((size, available));
+                return Ok(Wav {
+                    info,
+                    data,
+                    truncated,
+                });
             }
             _ => {}
         }
@@ -320,10 +318,19 @@ impl Wav<'_> {
     /// Decodes the samples, averaging the channels of each frame: mono f32, integers
     /// scaled to [-1, 1) by their container width. A NaN or infinite float sample is
     /// an error naming its frame and channel.
+    /// A data chunk shorter than its header declares is a `truncated WAV` error.
     pub fn decode_mono(&self) -> Result<Vec<f32>, String> {
         let channels = self.info.channels as usize;
         let width = self.info.bytes_per_sample();
         let frame_bytes = width * channels;
+        if let Some((declared, available)) = self.truncated {
+            return Err(truncated(format!(
+                "the data chunk declares {declared} bytes ({} frames) but only {available} \
+                 bytes ({} frames) are present",
+                self.info.frames,
+                available / frame_bytes
+            )));
+        }
         let mut mono = Vec::with_capacity(self.data.len() / frame_bytes);
         let inv_channels = 1.0 / channels as f64;
         for (f, frame) in self.data.chunks_exact(frame_bytes).enumerate() {
@@ -442,13 +449,15 @@ mod tests {
     #[test]
     fn short_data_is_truncated() {
         let v = header(&pcm_fmt(1, 1, 8000, 16), &[0; 10], Some(100));
-        let e = parse(&v).unwrap_err();
+        let wav = parse(&v).unwrap();
+        assert_eq!(wav.info.frames, 50);
+        let e = wav.decode_mono().unwrap_err();
         assert!(
             e.starts_with("truncated WAV: the data chunk declares 100 bytes (50 frames)"),
             "{e}"
         );
-        for cut in 0..44 {
-            let e = parse(&v[..cut]).unwrap_err();
+        for cut in 0..v.len() {
+            let e = parse(&v[..cut]).and_then(|w| w.decode_mono()).unwrap_err();
             assert!(
                 e.starts_with("truncated WAV") || (cut == 0 && e.contains("empty")),
                 "cut {cut}: {e}"
