@@ -1,0 +1,59 @@
+//! Shared state of a running service: limits, and the backend once it is ready.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::batching::BatchService;
+use crate::engine::ModelSlot;
+use crate::error::ServeError;
+use crate::preprocess::InputLimits;
+
+/// Per-request limits checked by the handlers.
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    pub max_samples_per_request: usize,
+    pub max_message_bytes: usize,
+    pub input: InputLimits,
+}
+
+/// What serves requests once the model is loaded and warm.
+#[derive(Clone)]
+pub struct Backend {
+    pub slot: ModelSlot,
+    pub batcher: BatchService,
+}
+
+pub struct App {
+    pub limits: RequestLimits,
+    backend: OnceLock<Backend>,
+    draining: AtomicBool,
+}
+
+impl App {
+    pub fn new(limits: RequestLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            backend: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes the service ready. Called once, after the warm-up batch.
+    pub fn set_ready(&self, backend: Backend) {
+        let _ = self.backend.set(backend);
+    }
+
+    pub fn backend(&self) -> Result<&Backend, ServeError> {
+        self.backend
+            .get()
+            .ok_or_else(|| ServeError::Unavailable("the model is still loading; retry shortly".into()))
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,109 @@
+//! Command line and environment configuration. Every flag is also an environment
+//! variable; the doc comment is the help text.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "fusion-serve", version, about = "gRPC service for an image + audio fusion model")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over gRPC.
+    Serve(Box<ServeConfig>),
+    /// Write a seeded, randomly initialised model directory.
+    InitModel(InitModelArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InitModelArgs {
+    /// Directory to create (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed for the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A config.json to use instead of the built-in default config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address for gRPC.
+    #[arg(long, env = "FUSION_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address for the Prometheus metrics endpoint (`/metrics`).
+    #[arg(long, env = "FUSION_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// A model directory (config.json + model.safetensors) or a model store. Without
+    /// it the built-in default model (random, untrained weights) is served.
+    #[arg(long, env = "FUSION_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Device for forward passes: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "FUSION_DEVICE", default_value = "auto")]
+    pub device: String,
+
+    /// Largest accepted gRPC message, in bytes.
+    #[arg(long, env = "FUSION_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Most samples in one Fuse or Predict request.
+    #[arg(long, env = "FUSION_MAX_SAMPLES_PER_REQUEST", default_value_t = 64)]
+    pub max_samples_per_request: usize,
+
+    /// Largest image accepted, in pixels (width x height), checked before decoding.
+    #[arg(long, env = "FUSION_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
+    pub max_image_pixels: u64,
+
+    /// Longest audio clip accepted, in seconds.
+    #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0)]
+    pub max_audio_seconds: f32,
+
+    #[command(flatten)]
+    pub batch: BatchConfig,
+
+    /// After SIGTERM, keep serving this long while reporting NOT_SERVING, so load
+    /// balancers stop sending traffic before the listener closes.
+    #[arg(long, env = "FUSION_DRAIN_DELAY_SECS", default_value_t = 0.0)]
+    pub drain_delay_secs: f64,
+
+    /// Log format.
+    #[arg(long, env = "FUSION_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BatchConfig {
+    /// Most samples in one forward pass (1 turns batching off).
+    #[arg(long, env = "FUSION_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+
+    /// Longest a request waits for others to join its batch while the model is idle,
+    /// in microseconds. 0: a batch starts as soon as the model is free.
+    #[arg(long, env = "FUSION_MAX_BATCH_DELAY_US", default_value_t = 0)]
+    pub max_batch_delay_us: u64,
+
+    /// Cost budget of one batch: image pixels plus audio frames of the padded batch.
+    #[arg(long, env = "FUSION_MAX_BATCH_COST", default_value_t = 200_000)]
+    pub max_batch_cost: u64,
+
+    /// Most requests waiting for the model; past it requests fail with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FUSION_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}

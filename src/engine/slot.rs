@@ -1,0 +1,48 @@
+//! The served model and the slot that swaps it atomically.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use candle_core::Device;
+
+use crate::model::{FusionModel, ModelConfig};
+use crate::preprocess::Preprocessor;
+
+/// Where a served model came from and how it was made.
+#[derive(Clone, Debug, Default)]
+pub struct ModelMeta {
+    /// A directory path, or "built-in".
+    pub source: String,
+    /// Random weights nobody trained.
+    pub untrained: bool,
+    /// The run's metadata (JSON) if this service trained it.
+    pub training: Option<serde_json::Value>,
+}
+
+/// A loaded, warmed-up model ready to serve.
+pub struct ServedModel {
+    pub model: FusionModel,
+    pub config: ModelConfig,
+    pub version: String,
+    pub meta: ModelMeta,
+    pub device: Device,
+    /// Turns requests into this model's input (its image size, mel settings).
+    pub preprocessor: Arc<Preprocessor>,
+}
+
+/// The model being served now. Readers take a snapshot per batch; a swap replaces it
+/// for later batches only.
+#[derive(Clone)]
+pub struct ModelSlot(Arc<ArcSwap<ServedModel>>);
+
+impl ModelSlot {
+    pub fn new(model: ServedModel) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(model)))
+    }
+    pub fn current(&self) -> Arc<ServedModel> {
+        self.0.load_full()
+    }
+    pub fn swap(&self, model: ServedModel) -> Arc<ServedModel> {
+        self.0.swap(Arc::new(model))
+    }
+}

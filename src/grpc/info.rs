@@ -1,0 +1,51 @@
+//! GetModelInfo's answer.
+
+use crate::app::RequestLimits;
+use crate::engine::ServedModel;
+use crate::proto;
+
+pub fn model_info(model: &ServedModel, limits: &RequestLimits) -> proto::ModelInfo {
+    let c = &model.config;
+    proto::ModelInfo {
+        model_version: model.version.clone(),
+        architecture: format!(
+            "ResNet-18 image encoder (widths {:?}) + {}-layer LSTM audio encoder (hidden {}) + \
+             temporal max-pool (kernel {}, stride {}) and global {:?} pool + MLP head {:?} -> {}",
+            c.image.widths,
+            c.audio_encoder.num_layers,
+            c.audio_encoder.hidden_size,
+            c.pooling.kernel,
+            c.pooling.stride,
+            c.pooling.global,
+            c.head.hidden,
+            c.num_outputs()
+        ),
+        task: super::convert::task(c.task) as i32,
+        labels: c.labels.clone(),
+        image: Some(proto::ImageSpec {
+            channels: c.image.channels as u32,
+            height: c.image.height as u32,
+            width: c.image.width as u32,
+        }),
+        audio: Some(proto::AudioSpec {
+            sample_rate: c.audio.sample_rate,
+            n_mels: c.audio.n_mels as u32,
+            hop_length: c.audio.hop_length as u32,
+            n_fft: c.audio.n_fft as u32,
+        }),
+        image_feature_dim: c.image_feature_dim() as u32,
+        audio_feature_dim: c.audio_feature_dim() as u32,
+        fused_dim: c.fused_dim() as u32,
+        num_outputs: c.num_outputs() as u32,
+        untrained: model.meta.untrained,
+        source: model.meta.source.clone(),
+        limits: Some(proto::Limits {
+            max_samples_per_request: limits.max_samples_per_request as u32,
+            max_image_pixels: limits.input.max_image_pixels,
+            max_audio_seconds: limits.input.max_audio_seconds,
+            max_message_bytes: limits.max_message_bytes as u64,
+        }),
+        training: None,
+        config_json: serde_json::to_string_pretty(c).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,8 @@
+//! The gRPC surface: handlers, message conversion, deadlines.
+
+pub mod convert;
+pub mod deadline;
+mod info;
+mod service;
+
+pub use service::{code_name, FusionApi};

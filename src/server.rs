@@ -1,0 +1,200 @@
+//! Wiring: load the model, start the model thread and the batcher, serve gRPC with
+//! health and reflection, drain on shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tower::Layer;
+
+use crate::app::{App, Backend, RequestLimits};
+use crate::batching::{BatchLayer, BatchPolicy};
+use crate::config::ServeConfig;
+use crate::engine::{Engine, Job, ModelSlot, ServedModel};
+use crate::grpc::FusionApi;
+use crate::loader;
+use crate::preprocess::{InputLimits, PreparedSample};
+use crate::proto;
+use crate::proto::fusion_service_server::FusionServiceServer;
+use crate::telemetry::metrics as m;
+
+const SERVICE_NAME: &str = "fusion.v1.FusionService";
+
+/// Runs the service on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let limits = RequestLimits {
+        max_samples_per_request: config.max_samples_per_request,
+        max_message_bytes: config.max_message_bytes,
+        input: InputLimits {
+            max_image_pixels: config.max_image_pixels,
+            max_audio_seconds: config.max_audio_seconds,
+        },
+    };
+    let app = App::new(limits);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let api = FusionServiceServer::new(FusionApi::new(app.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    // A model that fails to load stops the server: better a crash loop the operator
+    // sees than a pod that never becomes ready.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    {
+        let (app, reporter, config) = (app.clone(), reporter.clone(), config.clone());
+        tokio::spawn(async move {
+            match start_backend(&config).await {
+                Ok(backend) => {
+                    app.set_ready(backend);
+                    set_health(&reporter, ServingStatus::Serving).await;
+                    metrics::gauge!(m::READY).set(1.0);
+                    tracing::info!("ready: SERVING");
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                }
+            }
+        });
+    }
+
+    let drain = Duration::from_secs_f64(config.drain_delay_secs.max(0.0));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<anyhow::Error>>();
+    {
+        let reporter = reporter.clone();
+        tokio::spawn(async move {
+            let failure = tokio::select! {
+                _ = shutdown => None,
+                Ok(e) = failed_rx => Some(e),
+            };
+            set_health(&reporter, ServingStatus::NotServing).await;
+            metrics::gauge!(m::READY).set(0.0);
+            if failure.is_none() && !drain.is_zero() {
+                tracing::info!(?drain, "shutting down: NOT_SERVING, still answering during the drain delay");
+                tokio::time::sleep(drain).await;
+            }
+            tracing::info!("stopped accepting; finishing requests in flight");
+            let _ = stop_tx.send(failure);
+        });
+    }
+    let (failure_tx, failure_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        let failure = stop_rx.await.ok().flatten();
+        let _ = failure_tx.send(failure);
+    };
+
+    tracing::info!(addr = %listener.local_addr()?, "gRPC listening");
+    Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
+        .await?;
+    match failure_rx.await.ok().flatten() {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+    }
+}
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Loads the model, runs a warm-up batch through the model thread, starts the batcher.
+async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
+    let config = config.clone();
+    let device = crate::device::select(&config.device)?;
+    let input_limits = InputLimits {
+        max_image_pixels: config.max_image_pixels,
+        max_audio_seconds: config.max_audio_seconds,
+    };
+    let model_dir = config.model_dir.clone();
+    let served: ServedModel = tokio::task::spawn_blocking(move || {
+        loader::load(model_dir.as_deref(), &device, input_limits)
+    })
+    .await??;
+    tracing::info!(
+        version = %served.version,
+        source = %served.meta.source,
+        device = %crate::device::describe(&served.device),
+        "model loaded"
+    );
+    if served.meta.untrained {
+        tracing::warn!("serving the built-in default model with RANDOM, UNTRAINED weights: predictions are meaningless until it is trained (Train RPC) or --model-dir is given");
+    }
+    let pixels = (served.config.image.height * served.config.image.width) as u64;
+    let warmup = warmup_sample(&served);
+    let slot = ModelSlot::new(served);
+    let engine = Engine::spawn(slot.clone());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    engine.run(vec![Job { samples: vec![warmup], reply }]).await?;
+    answer.await??;
+    let b = &config.batch;
+    let batcher = BatchLayer::new(BatchPolicy {
+        max_batch_size: b.max_batch_size.max(1),
+        max_delay: Duration::from_micros(b.max_batch_delay_us),
+        max_cost: b.max_batch_cost,
+        max_queue: b.max_queue.max(1),
+        image_pixels: pixels,
+    })
+    .layer(engine);
+    Ok(Backend {
+        slot,
+        batcher,
+    })
+}
+
+/// A blank image and one second of silence-level features.
+fn warmup_sample(model: &ServedModel) -> PreparedSample {
+    let c = &model.config;
+    let frames = (c.audio.sample_rate as usize / c.audio.hop_length).max(1);
+    PreparedSample {
+        image: vec![0.0; c.image.channels * c.image.height * c.image.width],
+        audio: vec![c.audio.log_eps.ln(); frames * c.audio.n_mels],
+        frames,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
