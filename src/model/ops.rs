@@ -1,0 +1,734 @@
+//! Our own hot operations, each behind one small function so that a fused or
+//! device-specific kernel can replace it later without touching the model code.
+//!
+//! - [`max_pool2d_padded`]: 2-D max pooling with implicit `-inf` padding, forward and
+//!   backward (candle's `max_pool2d` has neither padding nor a backward pass when
+//!   kernel != stride).
+//! - [`lstm_layer`]: the recurrence of one LSTM layer over a whole sequence, one graph
+//!   node per layer, with a hand-written backward pass through time.
+//!
+//! The CPU kernels support `f32` and `f64` (the latter for gradient checks).
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType,
+};
+
+/// The float types our CPU kernels are written for.
+trait Real: WithDType {
+    const NEG_INFINITY: Self;
+    fn is_nan(self) -> bool;
+    fn exp(self) -> Self;
+    fn tanh(self) -> Self;
+    const ZERO: Self;
+    const ONE: Self;
+    fn sigmoid(self) -> Self {
+        Self::ONE / (Self::ONE + (Self::ZERO - self).exp())
+    }
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// The contiguous part of a CPU storage described by `layout`.
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: expected a contiguous input"),
+    }
+}
+
+/// Runs `$body` with `$t` bound to the Rust float type of `$storage`.
+macro_rules! dispatch_float {
+    ($op:expr, $storage:expr, $t:ident => $body:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            _ => bail!("{}: only f32 and f64 are supported", $op),
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------
+// Max pooling
+// ---------------------------------------------------------------------------------
+
+/// 2-D max pooling over `(B, C, H, W)` with a square `kernel`, `stride` and implicit
+/// `-inf` `padding`, like `torch.nn.functional.max_pool2d(x, kernel, stride, padding)`
+/// (dilation 1, `ceil_mode=False`). Ties go to the first maximum in row-major window
+/// order and a NaN wins, as in PyTorch's CPU kernel; the backward pass routes each
+/// output gradient to that element.
+pub fn max_pool2d_padded(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    PoolGeometry::new(x.dims(), kernel, stride, padding)?;
+    x.contiguous()?.apply_op1(MaxPool2d {
+        kernel,
+        stride,
+        padding,
+    })
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PoolGeometry {
+    planes: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl PoolGeometry {
+    fn new(dims: &[usize], kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        let &[b, c, h, w] = dims else {
+            bail!("max_pool2d_padded: expected a (B, C, H, W) input, got shape {dims:?}")
+        };
+        if kernel == 0 || stride == 0 {
+            bail!("max_pool2d_padded: kernel and stride must be positive")
+        }
+        if padding > kernel / 2 {
+            bail!("max_pool2d_padded: padding {padding} must be at most half the kernel {kernel}")
+        }
+        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+            bail!("max_pool2d_padded: input {h}x{w} with padding {padding} is smaller than the kernel {kernel}")
+        }
+        Ok(Self {
+            planes: b * c,
+            h,
+            w,
+            out_h: (h + 2 * padding - kernel) / stride + 1,
+            out_w: (w + 2 * padding - kernel) / stride + 1,
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    /// The clipped input range `[start, end)` of output position `o` along an axis of `len`.
+    fn window(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        let end = (start + self.kernel as isize).min(len as isize) as usize;
+        (start.max(0) as usize, end)
+    }
+
+    /// Index into `plane` and value of the maximum of output window `(oy, ox)`.
+    fn argmax<T: Real>(&self, plane: &[T], oy: usize, ox: usize) -> (usize, T) {
+        let (y0, y1) = self.window(oy, self.h);
+        let (x0, x1) = self.window(ox, self.w);
+        let mut best_idx = y0 * self.w + x0;
+        let mut best = T::NEG_INFINITY;
+        for y in y0..y1 {
+            let row = &plane[y * self.w..(y + 1) * self.w];
+            for (x, &v) in row.iter().enumerate().take(x1).skip(x0) {
+                if v > best || v.is_nan() {
+                    best = v;
+                    best_idx = y * self.w + x;
+                }
+            }
+        }
+        (best_idx, best)
+    }
+
+    fn forward<T: Real>(&self, input: &[T]) -> Vec<T> {
+        let (in_plane, out_plane) = (self.h * self.w, self.out_h * self.out_w);
+        let mut out = Vec::with_capacity(self.planes * out_plane);
+        for p in 0..self.planes {
+            let plane = &input[p * in_plane..(p + 1) * in_plane];
+            for oy in 0..self.out_h {
+                for ox in 0..self.out_w {
+                    out.push(self.argmax(plane, oy, ox).1);
+                }
+            }
+        }
+        out
+    }
+
+    fn backward<T: Real>(&self, input: &[T], grad_out: &[T]) -> Vec<T> {
+        let (in_plane, out_plane) = (self.h * self.w, self.out_h * self.out_w);
+        let mut grad_in = vec![T::ZERO; input.len()];
+        for p in 0..self.planes {
+            let plane = &input[p * in_plane..(p + 1) * in_plane];
+            let g_in = &mut grad_in[p * in_plane..(p + 1) * in_plane];
+            let g_out = &grad_out[p * out_plane..(p + 1) * out_plane];
+            for oy in 0..self.out_h {
+                for ox in 0..self.out_w {
+                    let (idx, _) = self.argmax(plane, oy, ox);
+                    g_in[idx] += g_out[oy * self.out_w + ox];
+                }
+            }
+        }
+        grad_in
+    }
+}
+
+struct MaxPool2d {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp1 for MaxPool2d {
+    fn name(&self) -> &'static str {
+        "max_pool2d_padded"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = PoolGeometry::new(l.dims(), self.kernel, self.stride, self.padding)?;
+        let (b, c) = (l.dims()[0], l.dims()[1]);
+        let shape = Shape::from((b, c, g.out_h, g.out_w));
+        dispatch_float!(self.name(), s, T => {
+            let out = g.forward::<T>(contiguous_slice(s, l, self.name())?);
+            Ok((T::to_cpu_storage_owned(out), shape))
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let op = MaxPool2dBackward {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let grad = arg
+            .detach()
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_res.detach().contiguous()?, &op)?;
+        Ok(Some(grad))
+    }
+}
+
+/// `(input, grad_output) -> grad_input` of [`MaxPool2d`]; the argmax is recomputed.
+struct MaxPool2dBackward {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for MaxPool2dBackward {
+    fn name(&self) -> &'static str {
+        "max_pool2d_padded_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = PoolGeometry::new(l1.dims(), self.kernel, self.stride, self.padding)?;
+        let expected = [l1.dims()[0], l1.dims()[1], g.out_h, g.out_w];
+        if l2.dims() != expected {
+            bail!(
+                "{}: gradient shape {:?}, expected {expected:?}",
+                self.name(),
+                l2.dims()
+            )
+        }
+        dispatch_float!(self.name(), s1, T => {
+            let grad = g.backward::<T>(
+                contiguous_slice(s1, l1, self.name())?,
+                contiguous_slice(s2, l2, self.name())?,
+            );
+            Ok((T::to_cpu_storage_owned(grad), l1.shape().clone()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// LSTM
+// ---------------------------------------------------------------------------------
+
+/// The recurrence of one unidirectional LSTM layer, PyTorch gate order (i, f, g, o),
+/// zero initial state.
+///
+/// `xproj` is the input projection for every step, time-major, biases included:
+/// `(T, B, 4H) = x W_ih^T + b_ih + b_hh`; `w_hh` is `(4H, H)`. Returns the hidden
+/// states `(T, B, H)`, contiguous. Differentiable with respect to both arguments.
+///
+/// On the CPU this is a single graph node with a fused cell and a hand-written
+/// backward pass through time; elsewhere it falls back to [`lstm_layer_composed`].
+pub fn lstm_layer(xproj: &Tensor, w_hh: &Tensor) -> Result<Tensor> {
+    let (_, _, h) = check_lstm_shapes(xproj, w_hh)?;
+    if !xproj.device().is_cpu() || !matches!(xproj.dtype(), DType::F32 | DType::F64) {
+        return lstm_layer_composed(xproj, w_hh);
+    }
+    let packed = xproj
+        .contiguous()?
+        .apply_op2(&w_hh.contiguous()?, LstmLayer)?;
+    packed.narrow(2, 0, h)?.contiguous()
+}
+
+/// [`lstm_layer`] written with ordinary candle operations (a few per step), for any
+/// device and dtype; also the reference the fused CPU kernel is tested against.
+pub fn lstm_layer_composed(xproj: &Tensor, w_hh: &Tensor) -> Result<Tensor> {
+    let (t_len, b, h) = check_lstm_shapes(xproj, w_hh)?;
+    let w_hh_t = w_hh.t()?;
+    let mut h_t = Tensor::zeros((b, h), xproj.dtype(), xproj.device())?;
+    let mut c_t = h_t.clone();
+    let mut outputs = Vec::with_capacity(t_len);
+    for t in 0..t_len {
+        let gates = xproj.get(t)?;
+        let gates = if t == 0 {
+            gates
+        } else {
+            (gates + h_t.matmul(&w_hh_t)?)?
+        };
+        let chunks = gates.chunk(4, 1)?;
+        let i = candle_nn::ops::sigmoid(&chunks[0])?;
+        let f = candle_nn::ops::sigmoid(&chunks[1])?;
+        let g = chunks[2].tanh()?;
+        let o = candle_nn::ops::sigmoid(&chunks[3])?;
+        c_t = ((f * &c_t)? + (i * g)?)?;
+        h_t = (o * c_t.tanh()?)?;
+        outputs.push(h_t.clone());
+    }
+    Tensor::stack(&outputs, 0)
+}
+
+fn check_lstm_shapes(xproj: &Tensor, w_hh: &Tensor) -> Result<(usize, usize, usize)> {
+    let (t_len, b, g4) = xproj.dims3()?;
+    let (rows, h) = w_hh.dims2()?;
+    if g4 != 4 * h || rows != 4 * h {
+        bail!(
+            "lstm_layer: expected xproj (T, B, 4H) and w_hh (4H, H), got {:?} and {:?}",
+            xproj.dims(),
+            w_hh.dims()
+        )
+    }
+    if t_len == 0 {
+        bail!("lstm_layer: empty sequence")
+    }
+    if xproj.dtype() != w_hh.dtype() {
+        bail!(
+            "lstm_layer: dtype mismatch {:?} vs {:?}",
+            xproj.dtype(),
+            w_hh.dtype()
+        )
+    }
+    Ok((t_len, b, h))
+}
+
+/// `(xproj (T, B, 4H), w_hh (4H, H)) -> (T, B, 6H)`: per step and sample the packed
+/// `[h | c | i f g o]` (the activated gates are kept for the backward pass).
+struct LstmLayer;
+
+const PACK: usize = 6;
+
+fn lstm_forward<T: Real>(x: &[T], w: &[T], t_len: usize, b: usize, h: usize) -> Result<Vec<T>> {
+    let cpu = Device::Cpu;
+    let w_t = Tensor::from_slice(w, (4 * h, h), &cpu)?.t()?;
+    let mut out = vec![T::ZERO; t_len * b * PACK * h];
+    let mut h_prev = vec![T::ZERO; b * h];
+    let mut c_prev = vec![T::ZERO; b * h];
+    for t in 0..t_len {
+        let rec = if t == 0 {
+            None
+        } else {
+            let hp = Tensor::from_slice(&h_prev, (b, h), &cpu)?;
+            Some(hp.matmul(&w_t)?.flatten_all()?.to_vec1::<T>()?)
+        };
+        for s in 0..b {
+            let xrow = &x[(t * b + s) * 4 * h..][..4 * h];
+            let row = &mut out[(t * b + s) * PACK * h..][..PACK * h];
+            let (h_out, rest) = row.split_at_mut(h);
+            let (c_out, acts) = rest.split_at_mut(h);
+            for j in 0..h {
+                let pre = |k: usize| match &rec {
+                    Some(r) => xrow[k * h + j] + r[s * 4 * h + k * h + j],
+                    None => xrow[k * h + j],
+                };
+                let i = pre(0).sigmoid();
+                let f = pre(1).sigmoid();
+                let g = pre(2).tanh();
+                let o = pre(3).sigmoid();
+                let c = f * c_prev[s * h + j] + i * g;
+                let hv = o * c.tanh();
+                h_out[j] = hv;
+                c_out[j] = c;
+                acts[j] = i;
+                acts[h + j] = f;
+                acts[2 * h + j] = g;
+                acts[3 * h + j] = o;
+                h_prev[s * h + j] = hv;
+                c_prev[s * h + j] = c;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Backward pass through time. `grad` is the gradient of the packed output (normally
+/// non-zero only in its `h` part). Returns `(d xproj (T, B, 4H), d w_hh (4H, H))`.
+fn lstm_backward<T: Real>(
+    w_hh: &Tensor,
+    packed: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (t_len, b, ph) = packed.dims3()?;
+    let h = ph / PACK;
+    let cpu = packed.device().clone();
+    let p: Vec<T> = packed.flatten_all()?.to_vec1()?;
+    let gr: Vec<T> = grad.flatten_all()?.to_vec1()?;
+    let w = w_hh.detach().contiguous()?;
+    let mut d_pre = vec![T::ZERO; t_len * b * 4 * h];
+    let mut dh_next = vec![T::ZERO; b * h];
+    let mut dc_next = vec![T::ZERO; b * h];
+    let one = T::ONE;
+    for t in (0..t_len).rev() {
+        for s in 0..b {
+            let row = &p[(t * b + s) * ph..][..ph];
+            let grow = &gr[(t * b + s) * ph..][..ph];
+            let c_prev_row = if t == 0 {
+                None
+            } else {
+                Some(&p[((t - 1) * b + s) * ph + h..][..h])
+            };
+            let d_row = &mut d_pre[(t * b + s) * 4 * h..][..4 * h];
+            for j in 0..h {
+                let c = row[h + j];
+                let (i, f, g, o) = (
+                    row[2 * h + j],
+                    row[3 * h + j],
+                    row[4 * h + j],
+                    row[5 * h + j],
+                );
+                let tc = c.tanh();
+                let dh = grow[j] + dh_next[s * h + j];
+                let dc = grow[h + j] + dc_next[s * h + j] + dh * o * (one - tc * tc);
+                let c_prev = c_prev_row.map_or(T::ZERO, |r| r[j]);
+                let di = dc * g + grow[2 * h + j];
+                let df = dc * c_prev + grow[3 * h + j];
+                let dg = dc * i + grow[4 * h + j];
+                let d_o = dh * tc + grow[5 * h + j];
+                d_row[j] = di * i * (one - i);
+                d_row[h + j] = df * f * (one - f);
+                d_row[2 * h + j] = dg * (one - g * g);
+                d_row[3 * h + j] = d_o * o * (one - o);
+                dc_next[s * h + j] = dc * f;
+            }
+        }
+        if t > 0 {
+            let d_t =
+                Tensor::from_slice(&d_pre[t * b * 4 * h..(t + 1) * b * 4 * h], (b, 4 * h), &cpu)?;
+            dh_next = d_t.matmul(&w)?.flatten_all()?.to_vec1()?;
+        }
+    }
+    // h_{t-1} for every step (zeros for t = 0), as (T * B, H).
+    let mut h_prev = vec![T::ZERO; t_len * b * h];
+    for t in 1..t_len {
+        for s in 0..b {
+            let src = &p[((t - 1) * b + s) * ph..][..h];
+            h_prev[(t * b + s) * h..][..h].copy_from_slice(src);
+        }
+    }
+    let d_pre = Tensor::from_vec(d_pre, (t_len * b, 4 * h), &cpu)?;
+    let h_prev = Tensor::from_vec(h_prev, (t_len * b, h), &cpu)?;
+    let d_w = d_pre.t()?.matmul(&h_prev)?;
+    Ok((d_pre.reshape((t_len, b, 4 * h))?, d_w))
+}
+
+impl CustomOp2 for LstmLayer {
+    fn name(&self) -> &'static str {
+        "lstm_layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[t_len, b, g4] = l1.dims() else {
+            bail!("lstm_layer: xproj must be (T, B, 4H), got {:?}", l1.dims())
+        };
+        let h = g4 / 4;
+        if l2.dims() != [4 * h, h] {
+            bail!(
+                "lstm_layer: w_hh must be ({}, {h}), got {:?}",
+                4 * h,
+                l2.dims()
+            )
+        }
+        dispatch_float!(self.name(), s1, T => {
+            let out = lstm_forward::<T>(
+                contiguous_slice(s1, l1, self.name())?,
+                contiguous_slice(s2, l2, self.name())?,
+                t_len,
+                b,
+                h,
+            )?;
+            Ok((T::to_cpu_storage_owned(out), Shape::from((t_len, b, PACK * h))))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _xproj: &Tensor,
+        w_hh: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (d_x, d_w) = match res.dtype() {
+            DType::F32 => lstm_backward::<f32>(w_hh, &res.detach(), &grad_res.detach())?,
+            DType::F64 => lstm_backward::<f64>(w_hh, &res.detach(), &grad_res.detach())?,
+            dt => bail!("lstm_layer: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(d_x), Some(d_w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn seq(n: usize, scale: f64) -> Vec<f64> {
+        // A deterministic, tie-free sequence in [-scale, scale].
+        (0..n)
+            .map(|i| ((i as f64 * 0.7548776662).fract() * 2.0 - 1.0) * scale)
+            .collect()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn max_pool_forward_matches_manual_padding() {
+        // A 1x1x4x4 input with padding 1: the output windows are clipped at the border.
+        let x = Tensor::arange(0f32, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap();
+        let y = max_pool2d_padded(&x, 3, 2, 1).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 2, 2]);
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![5., 7., 13., 15.]
+        );
+    }
+
+    #[test]
+    fn max_pool_ties_route_gradient_to_the_first_maximum() {
+        // All-equal input: PyTorch routes each window's gradient to its first element.
+        let x = Var::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let y = max_pool2d_padded(x.as_tensor(), 3, 2, 1).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Windows start at (-1,-1), (-1,1), (1,-1), (1,1): first valid elements (0,0), (0,1), (1,0), (1,1).
+        let mut expected = vec![0f32; 16];
+        for idx in [0, 1, 4, 5] {
+            expected[idx] = 1.0;
+        }
+        assert_eq!(g, expected);
+    }
+
+    #[test]
+    fn max_pool_backward_matches_finite_differences() {
+        let dims = (2, 3, 7, 6);
+        let n = 2 * 3 * 7 * 6;
+        let data = seq(n, 1.0);
+        let x = Var::from_vec(data.clone(), dims, &Device::Cpu).unwrap();
+        // A random-looking linear functional of the output makes every gradient distinct.
+        let y = max_pool2d_padded(x.as_tensor(), 3, 2, 1).unwrap();
+        let wts = Tensor::from_vec(seq(y.elem_count(), 1.0), y.dims(), &Device::Cpu).unwrap();
+        let loss = |t: &Tensor| {
+            (max_pool2d_padded(t, 3, 2, 1).unwrap() * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (y * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let eps = 1e-6;
+        for i in 0..n {
+            let mut plus = data.clone();
+            plus[i] += eps;
+            let mut minus = data.clone();
+            minus[i] -= eps;
+            let fp = loss(&Tensor::from_vec(plus, dims, &Device::Cpu).unwrap());
+            let fm = loss(&Tensor::from_vec(minus, dims, &Device::Cpu).unwrap());
+            let fd = (fp - fm) / (2.0 * eps);
+            assert!(
+                (fd - g[i]).abs() < 1e-6,
+                "element {i}: finite difference {fd}, backward {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn max_pool_rejects_bad_geometry() {
+        let x = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(max_pool2d_padded(&x, 3, 2, 2).is_err());
+        assert!(max_pool2d_padded(&x, 0, 2, 0).is_err());
+        assert!(max_pool2d_padded(&x.flatten_all().unwrap(), 3, 2, 1).is_err());
+    }
+
+    fn lstm_inputs(t_len: usize, b: usize, h: usize) -> (Var, Var) {
+        let cpu = Device::Cpu;
+        let x = Var::from_vec(seq(t_len * b * 4 * h, 1.5), (t_len, b, 4 * h), &cpu).unwrap();
+        let w: Vec<f64> = seq(4 * h * h + 7, 0.6).into_iter().skip(7).collect();
+        let w = Var::from_vec(w, (4 * h, h), &cpu).unwrap();
+        (x, w)
+    }
+
+    #[test]
+    fn lstm_fused_matches_composed_forward_and_backward() {
+        let (x, w) = lstm_inputs(6, 3, 5);
+        let weights = Tensor::from_vec(seq(6 * 3 * 5, 1.0), (6, 3, 5), &Device::Cpu).unwrap();
+        let fused = lstm_layer(x.as_tensor(), w.as_tensor()).unwrap();
+        let composed = lstm_layer_composed(x.as_tensor(), w.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-12);
+        let gf = (&fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (&composed * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                max_abs_diff(a, b) < 1e-12,
+                "gradient mismatch {}",
+                max_abs_diff(a, b)
+            );
+        }
+    }
+
+    #[test]
+    fn lstm_backward_matches_finite_differences() {
+        let (x, w) = lstm_inputs(4, 2, 3);
+        let weights = Tensor::from_vec(seq(4 * 2 * 3, 1.0), (4, 2, 3), &Device::Cpu).unwrap();
+        let loss = |x: &Tensor, w: &Tensor| {
+            (lstm_layer(x, w).unwrap() * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let grads = (lstm_layer(x.as_tensor(), w.as_tensor()).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let eps = 1e-6;
+        for (var, is_x) in [(&x, true), (&w, false)] {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for i in 0..base.len() {
+                let bump = |d: f64| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    let t = Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap();
+                    if is_x {
+                        loss(&t, w.as_tensor())
+                    } else {
+                        loss(x.as_tensor(), &t)
+                    }
+                };
+                let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - g[i]).abs() < 1e-7,
+                    "element {i}: finite difference {fd}, backward {}",
+                    g[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lstm_f32_matches_f64() {
+        let (x, w) = lstm_inputs(9, 4, 8);
+        let y64 = lstm_layer(x.as_tensor(), w.as_tensor()).unwrap();
+        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+        let w32 = w.as_tensor().to_dtype(DType::F32).unwrap();
+        let y32 = lstm_layer(&x32, &w32)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        assert!(max_abs_diff(&y64, &y32) < 1e-5);
+    }
+}
