@@ -6,6 +6,7 @@
 pub mod error;
 pub mod model;
 pub mod preprocess;
+pub mod weights;
 
 /// Generated protobuf and gRPC code.
 pub mod proto {
