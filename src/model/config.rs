@@ -226,7 +226,7 @@ impl ModelConfig {
                 a.f_max()
             ));
         }
-        if !(a.log_eps > 0.0) {
+        if a.log_eps.is_nan() || a.log_eps <= 0.0 {
             return Err("audio.log_eps must be positive".into());
         }
         if self.audio_encoder.hidden_size == 0 || self.audio_encoder.num_layers == 0 {
