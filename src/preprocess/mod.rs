@@ -65,8 +65,10 @@ pub struct InputLimits {
     pub max_audio_seconds: f32,
 }
 
-/// The highest input sample rate accepted (WAV or PCM). Resampling cost grows with
-/// the rate's co-prime part, so absurd header values are refused up front.
+/// The highest input sample rate accepted (WAV or PCM). Absurd header values are
+/// refused up front: a rate with a large co-prime part is resampled by direct
+/// windowed-sinc interpolation, whose cost per output sample grows with the input
+/// rate (a 5 s clip at 767999 Hz takes about a second of CPU).
 pub const MAX_INPUT_SAMPLE_RATE: u32 = 768_000;
 
 /// Turns [`RawSample`]s into [`PreparedSample`]s for one model config.
@@ -138,6 +140,11 @@ impl Preprocessor {
     }
 
     /// The log-mel matrix (frames x n_mels, row-major) and its frame count.
+    ///
+    /// WAV and PCM are limited to `max_audio_seconds` (a WAV by its header, before
+    /// decoding), down-mixed, resampled to the model's rate and passed through
+    /// [`log_mel`](Self::log_mel). Precomputed features are used as they are, but may
+    /// not have more frames than `max_audio_seconds` of audio would give.
     pub fn prepare_audio(
         &self,
         index: usize,
