@@ -68,8 +68,9 @@ pub struct InputLimits {
 /// The highest input sample rate accepted (WAV or PCM). Absurd header values are
 /// refused up front: a rate with a large co-prime part is resampled by direct
 /// windowed-sinc interpolation, whose cost per output sample grows with the input
-/// rate (a 5 s clip at 767999 Hz takes about a second of CPU).
-pub const MAX_INPUT_SAMPLE_RATE: u32 = 768_000;
+/// rate: a 5 s clip at 383999 Hz takes about 1 s of CPU in a release build (at
+/// 44101 Hz, 0.1 s; common rates take the FFT path, a few milliseconds).
+pub const MAX_INPUT_SAMPLE_RATE: u32 = 384_000;
 
 /// Turns [`RawSample`]s into [`PreparedSample`]s for one model config.
 #[derive(Clone, Debug)]
