@@ -7,6 +7,8 @@ use crate::batching::BatchService;
 use crate::engine::ModelSlot;
 use crate::error::ServeError;
 use crate::preprocess::InputLimits;
+use crate::store::ModelStore;
+use candle_core::Device;
 
 /// Per-request limits checked by the handlers.
 #[derive(Clone, Debug)]
@@ -21,6 +23,10 @@ pub struct RequestLimits {
 pub struct Backend {
     pub slot: ModelSlot,
     pub batcher: BatchService,
+    /// Where trained versions go and where the served one comes from.
+    pub store: Arc<ModelStore>,
+    pub device: Device,
+    pub input_limits: InputLimits,
 }
 
 pub struct App {
@@ -44,9 +50,9 @@ impl App {
     }
 
     pub fn backend(&self) -> Result<&Backend, ServeError> {
-        self.backend
-            .get()
-            .ok_or_else(|| ServeError::Unavailable("the model is still loading; retry shortly".into()))
+        self.backend.get().ok_or_else(|| {
+            ServeError::Unavailable("the model is still loading; retry shortly".into())
+        })
     }
 
     pub fn start_draining(&self) {

@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "fusion-serve", version, about = "gRPC service for an image + audio fusion model")]
+#[command(
+    name = "fusion-serve",
+    version,
+    about = "gRPC service for an image + audio fusion model"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

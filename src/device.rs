@@ -15,9 +15,9 @@ pub fn select(spec: &str) -> anyhow::Result<Device> {
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
                 None => 0,
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| anyhow::anyhow!("--device {s}: expected cuda:N with N a GPU index"))?,
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--device {s}: expected cuda:N with N a GPU index")
+                })?,
             };
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!(

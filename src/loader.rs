@@ -1,39 +1,64 @@
-//! Which model to serve: the built-in default, or a model directory.
+//! Which model to serve, and loading it: a version from the model store, the store's
+//! base model (a plain model directory), or the built-in default.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 
 use crate::config::InitModelArgs;
 use crate::engine::{ModelMeta, ServedModel};
 use crate::model::{FusionModel, ModelConfig};
 use crate::preprocess::{InputLimits, Preprocessor};
+use crate::store::ModelStore;
+use crate::telemetry::metrics as m;
 use crate::weights;
 
 /// Seed of the built-in model's weights: fixed, so every replica serves the same.
 pub const BUILTIN_SEED: u64 = 0;
 pub const BUILTIN_VERSION: &str = "builtin";
+/// The version name of a plain model directory's weights.
+pub const BASE_VERSION: &str = "base";
 
-/// Loads what `model_dir` names (or the built-in model) onto `device`.
-pub fn load(
-    model_dir: Option<&Path>,
+/// Loads what the store says to serve: the active version; if that fails to load,
+/// the newest older version that was activated; else the base model; else the
+/// built-in model.
+pub fn load_initial(
+    store: &ModelStore,
     device: &Device,
-    limits: InputLimits,
+    limits: &InputLimits,
 ) -> anyhow::Result<ServedModel> {
-    match model_dir {
-        None => builtin(device, limits),
+    if let Some(active) = store.active()? {
+        match load_version(store, &active, device, limits) {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                metrics::counter!(m::MODEL_LOAD_FAILURES).increment(1);
+                tracing::error!(version = %active, error = format!("{e:#}"), "the active version does not load; falling back");
+                let active_n = crate::store::version_number(&active).unwrap_or(u64::MAX);
+                for (n, name) in store.versions()?.into_iter().rev() {
+                    let activated = store.metadata(&name).map(|md| md.activate).unwrap_or(false);
+                    if n >= active_n || !activated {
+                        continue;
+                    }
+                    match load_version(store, &name, device, limits) {
+                        Ok(m) => return Ok(m),
+                        Err(e) => {
+                            metrics::counter!(m::MODEL_LOAD_FAILURES).increment(1);
+                            tracing::error!(version = %name, error = format!("{e:#}"), "an older version does not load either");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match store.base_model_dir() {
         Some(dir) => {
-            let (config, model) = weights::load_dir(dir, device)?;
-            let version = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into());
+            let loaded = weights::load_dir(dir)?;
+            let model = loaded.build_model(device)?;
             served(
-                config,
+                loaded.config,
                 model,
-                version,
+                BASE_VERSION.into(),
                 ModelMeta {
                     source: dir.display().to_string(),
                     untrained: false,
@@ -43,15 +68,43 @@ pub fn load(
                 limits,
             )
         }
+        None => builtin(device, limits),
     }
 }
 
+/// Loads version `version` of the store, fresh from disk.
+pub fn load_version(
+    store: &ModelStore,
+    version: &str,
+    device: &Device,
+    limits: &InputLimits,
+) -> anyhow::Result<ServedModel> {
+    let dir = store.version_dir(version);
+    let loaded = weights::load_dir(&dir)?;
+    let model = loaded.build_model(device)?;
+    let training = store
+        .metadata(version)
+        .ok()
+        .and_then(|md| serde_json::to_value(md).ok());
+    served(
+        loaded.config,
+        model,
+        version.to_string(),
+        ModelMeta {
+            source: dir.display().to_string(),
+            untrained: false,
+            training,
+        },
+        device,
+        limits,
+    )
+}
+
 /// The default config with deterministic random weights.
-pub fn builtin(device: &Device, limits: InputLimits) -> anyhow::Result<ServedModel> {
+pub fn builtin(device: &Device, limits: &InputLimits) -> anyhow::Result<ServedModel> {
     let config = ModelConfig::default();
     let vars = weights::init_random(&config, BUILTIN_SEED)?;
-    let vb = VarBuilder::from_varmap(&vars, DType::F32, device);
-    let model = FusionModel::new(&config, vb)?;
+    let model = weights::model_from_varmap(&config, &vars, device)?;
     served(
         config,
         model,
@@ -72,9 +125,9 @@ fn served(
     version: String,
     meta: ModelMeta,
     device: &Device,
-    limits: InputLimits,
+    limits: &InputLimits,
 ) -> anyhow::Result<ServedModel> {
-    let preprocessor = Preprocessor::new(&config, limits)
+    let preprocessor = Preprocessor::new(&config, limits.clone())
         .map_err(|e| anyhow::anyhow!("model config does not fit the preprocessor: {e}"))?;
     Ok(ServedModel {
         preprocessor: Arc::new(preprocessor),
@@ -90,16 +143,17 @@ fn served(
 pub fn init_model(args: &InitModelArgs) -> anyhow::Result<()> {
     let config = match &args.config {
         None => ModelConfig::default(),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-            serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
+        Some(path) => weights::read_config(path)?,
     };
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid model config: {e}"))?;
+    if args.out.exists() && std::fs::read_dir(&args.out)?.next().is_some() {
+        anyhow::bail!(
+            "--out {}: the directory exists and is not empty",
+            args.out.display()
+        );
+    }
     let vars = weights::init_random(&config, args.seed)?;
     weights::save_dir(&args.out, &config, &vars)?;
     println!(
@@ -108,4 +162,18 @@ pub fn init_model(args: &InitModelArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The numeric part of a version name for the `fusion_model_version` gauge.
+pub fn version_gauge(version: &str) -> f64 {
+    crate::store::version_number(version).unwrap_or(0) as f64
+}
+
+/// Whether a path looks like a model store or model directory we can serve.
+pub fn describe_dir(dir: &Path) -> &'static str {
+    if dir.join(weights::CONFIG_FILE).is_file() {
+        "model directory"
+    } else {
+        "model store"
+    }
 }

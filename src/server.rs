@@ -2,6 +2,7 @@
 //! health and reflection, drain on shutdown.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::loader;
 use crate::preprocess::{InputLimits, PreparedSample};
 use crate::proto;
 use crate::proto::fusion_service_server::FusionServiceServer;
+use crate::store::ModelStore;
 use crate::telemetry::metrics as m;
 
 const SERVICE_NAME: &str = "fusion.v1.FusionService";
@@ -86,7 +88,10 @@ pub async fn serve(
             set_health(&reporter, ServingStatus::NotServing).await;
             metrics::gauge!(m::READY).set(0.0);
             if failure.is_none() && !drain.is_zero() {
-                tracing::info!(?drain, "shutting down: NOT_SERVING, still answering during the drain delay");
+                tracing::info!(
+                    ?drain,
+                    "shutting down: NOT_SERVING, still answering during the drain delay"
+                );
                 tokio::time::sleep(drain).await;
             }
             tracing::info!("stopped accepting; finishing requests in flight");
@@ -129,11 +134,15 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         max_image_pixels: config.max_image_pixels,
         max_audio_seconds: config.max_audio_seconds,
     };
-    let model_dir = config.model_dir.clone();
-    let served: ServedModel = tokio::task::spawn_blocking(move || {
-        loader::load(model_dir.as_deref(), &device, input_limits)
-    })
-    .await??;
+    let store = Arc::new(match &config.model_dir {
+        Some(dir) => ModelStore::open(dir)?,
+        None => ModelStore::temporary()?,
+    });
+    let served: ServedModel = {
+        let (store, device, limits) = (store.clone(), device.clone(), input_limits.clone());
+        tokio::task::spawn_blocking(move || loader::load_initial(&store, &device, &limits))
+            .await??
+    };
     tracing::info!(
         version = %served.version,
         source = %served.meta.source,
@@ -148,7 +157,12 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
     let slot = ModelSlot::new(served);
     let engine = Engine::spawn(slot.clone());
     let (reply, answer) = tokio::sync::oneshot::channel();
-    engine.run(vec![Job { samples: vec![warmup], reply }]).await?;
+    engine
+        .run(vec![Job {
+            samples: vec![warmup],
+            reply,
+        }])
+        .await?;
     answer.await??;
     let b = &config.batch;
     let batcher = BatchLayer::new(BatchPolicy {
@@ -159,9 +173,13 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         image_pixels: pixels,
     })
     .layer(engine);
+    metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&slot.current().version));
     Ok(Backend {
         slot,
         batcher,
+        store,
+        device,
+        input_limits,
     })
 }
 
@@ -197,4 +215,3 @@ pub async fn shutdown_signal() {
         _ = term => tracing::info!("SIGTERM received"),
     }
 }
-

@@ -76,7 +76,9 @@ impl Service<InferRequest> for BatchService {
             self.depth.fetch_sub(1, Ordering::AcqRel);
             metrics::gauge!(m::QUEUE_DEPTH).decrement(1.0);
             return Box::pin(async {
-                Err(ServeError::Unavailable("the batching worker has stopped".into()))
+                Err(ServeError::Unavailable(
+                    "the batching worker has stopped".into(),
+                ))
             });
         }
         Box::pin(async move {

@@ -117,7 +117,8 @@ impl<S: BatchRunner> Worker<S> {
         if self.policy.max_delay.is_zero() {
             return;
         }
-        let until = tokio::time::Instant::from_std(self.pending[0].enqueued + self.policy.max_delay);
+        let until =
+            tokio::time::Instant::from_std(self.pending[0].enqueued + self.policy.max_delay);
         while self.pending_samples() < self.policy.max_batch_size {
             tokio::select! {
                 q = self.rx.recv() => match q {
@@ -169,7 +170,9 @@ impl<S: BatchRunner> Worker<S> {
             let q = &self.pending[i];
             let n = samples + q.samples.len();
             let frames = max_frames.max(q.frames);
-            if n <= self.policy.max_batch_size && self.policy.cost(n, frames) <= self.policy.max_cost {
+            if n <= self.policy.max_batch_size
+                && self.policy.cost(n, frames) <= self.policy.max_cost
+            {
                 chosen.push(i);
                 samples = n;
                 max_frames = frames;

@@ -22,7 +22,11 @@ pub fn collate(
     device: &Device,
 ) -> Result<Collated, ServeError> {
     let b = samples.len();
-    let (c, h, w) = (config.image.channels, config.image.height, config.image.width);
+    let (c, h, w) = (
+        config.image.channels,
+        config.image.height,
+        config.image.width,
+    );
     let n_mels = config.audio.n_mels;
     let mut images = Vec::with_capacity(b * c * h * w);
     for s in samples {

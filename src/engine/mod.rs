@@ -100,17 +100,18 @@ fn run_batch(slot: &ModelSlot, jobs: Vec<Job>) -> BatchStats {
     let samples: Vec<&PreparedSample> = jobs.iter().flat_map(|j| j.samples.iter()).collect();
     let started = Instant::now();
     // A panic inside candle must not take the thread (and the service) down.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        forward(&model, &samples)
-    }))
-    .unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(ServeError::Internal(format!("forward pass panicked: {what}")))
-    });
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(&model, &samples)))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(ServeError::Internal(format!(
+                    "forward pass panicked: {what}"
+                )))
+            });
     let inference = started.elapsed();
     let mut stats = BatchStats {
         samples: samples.len(),
@@ -136,9 +137,9 @@ fn run_batch(slot: &ModelSlot, jobs: Vec<Job>) -> BatchStats {
         Err(e) => {
             tracing::error!(error = %e, samples = stats.samples, "forward pass failed");
             for job in jobs {
-                let _ = job
-                    .reply
-                    .send(Err(ServeError::Internal(format!("forward pass failed: {e}"))));
+                let _ = job.reply.send(Err(ServeError::Internal(format!(
+                    "forward pass failed: {e}"
+                ))));
             }
         }
     }
@@ -179,9 +180,8 @@ pub fn forward(
 impl tower::Service<Vec<Job>> for Engine {
     type Response = BatchStats;
     type Error = ServeError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<BatchStats, ServeError>> + Send>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<BatchStats, ServeError>> + Send>>;
 
     fn poll_ready(
         &mut self,

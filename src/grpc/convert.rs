@@ -57,13 +57,22 @@ pub fn fused(out: SampleOutput, include_modalities: bool) -> proto::FusedFeature
 }
 
 /// Scores, probabilities as the task reads them, and the best `top_k` labels.
-pub fn prediction(logits: Vec<f32>, task: Task, labels: &[String], top_k: usize) -> proto::Prediction {
+pub fn prediction(
+    logits: Vec<f32>,
+    task: Task,
+    labels: &[String],
+    top_k: usize,
+) -> proto::Prediction {
     let probabilities = match task {
         Task::Multiclass => softmax(&logits),
         Task::Multilabel | Task::Binary => logits.iter().map(|&x| sigmoid(x)).collect(),
     };
     let mut order: Vec<usize> = (0..probabilities.len()).collect();
-    order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        probabilities[b]
+            .total_cmp(&probabilities[a])
+            .then(a.cmp(&b))
+    });
     let top = order
         .into_iter()
         .take(top_k)
@@ -125,7 +134,14 @@ mod tests {
 
     #[test]
     fn missing_modality_names_the_field() {
-        let e = sample(3, proto::Sample { image: None, audio: None }).unwrap_err();
+        let e = sample(
+            3,
+            proto::Sample {
+                image: None,
+                audio: None,
+            },
+        )
+        .unwrap_err();
         assert_eq!(e.field, "samples[3].image");
     }
 }

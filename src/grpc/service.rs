@@ -88,7 +88,9 @@ async fn with_deadline<T>(
     match deadline {
         None => Ok(fut.await),
         Some(d) => tokio::time::timeout_at(d.into(), fut).await.map_err(|_| {
-            ServeError::DeadlineExceeded("the request's deadline passed before it was answered".into())
+            ServeError::DeadlineExceeded(
+                "the request's deadline passed before it was answered".into(),
+            )
         }),
     }
 }

@@ -54,18 +54,46 @@ fn describe() {
     use self::metrics as m;
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(m::REQUESTS, "gRPC requests by rpc and status code");
-    describe_histogram!(m::REQUEST_DURATION, Unit::Seconds, "Time to answer a request");
+    describe_histogram!(
+        m::REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer a request"
+    );
     describe_counter!(m::SAMPLES, "Samples received by rpc");
-    describe_histogram!(m::QUEUE_DURATION, Unit::Seconds, "Time a request waited in the batch queue");
-    describe_histogram!(m::PREPROCESS_DURATION, Unit::Seconds, "Time to decode and preprocess a request");
-    describe_histogram!(m::INFERENCE_DURATION, Unit::Seconds, "Time of one forward pass (a batch)");
+    describe_histogram!(
+        m::QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited in the batch queue"
+    );
+    describe_histogram!(
+        m::PREPROCESS_DURATION,
+        Unit::Seconds,
+        "Time to decode and preprocess a request"
+    );
+    describe_histogram!(
+        m::INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time of one forward pass (a batch)"
+    );
     describe_histogram!(m::BATCH_SIZE, "Samples per forward pass");
-    describe_histogram!(m::BATCH_PADDING_RATIO, "Fraction of audio frames in a batch that are padding");
+    describe_histogram!(
+        m::BATCH_PADDING_RATIO,
+        "Fraction of audio frames in a batch that are padding"
+    );
     describe_gauge!(m::QUEUE_DEPTH, "Requests waiting for the model");
     describe_gauge!(m::INFLIGHT_REQUESTS, "Fuse/Predict requests being handled");
-    describe_counter!(m::REQUESTS_DROPPED, "Requests dropped before compute, by reason");
-    describe_gauge!(m::MODEL_VERSION, "Numeric version of the served model (0: built-in or plain directory)");
-    describe_counter!(m::MODEL_LOAD_FAILURES, "Model versions that failed to load and were refused");
+    describe_counter!(
+        m::REQUESTS_DROPPED,
+        "Requests dropped before compute, by reason"
+    );
+    describe_gauge!(
+        m::MODEL_VERSION,
+        "Numeric version of the served model (0: built-in or plain directory)"
+    );
+    describe_counter!(
+        m::MODEL_LOAD_FAILURES,
+        "Model versions that failed to load and were refused"
+    );
     describe_gauge!(m::READY, "1 while the service reports SERVING");
     describe_counter!(m::TRAIN_RUNS, "Training runs by outcome");
     describe_gauge!(m::TRAIN_LOSS, "Running training loss of the current run");
