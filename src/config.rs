@@ -73,6 +73,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0)]
     pub max_audio_seconds: f32,
 
+    /// How often to check the model store for a newly activated version (trained by
+    /// another replica sharing the store), in seconds. 0 disables watching.
+    #[arg(long, env = "FUSION_STORE_WATCH_INTERVAL_SECS", default_value_t = 10.0)]
+    pub store_watch_interval_secs: f64,
+
     #[command(flatten)]
     pub batch: BatchConfig,
 

@@ -16,6 +16,7 @@ pub mod preprocess;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod watcher;
 pub mod weights;
 
 /// Generated protobuf and gRPC code.

@@ -18,7 +18,7 @@ use crate::config::ServeConfig;
 use crate::engine::{Engine, Job, ModelSlot, ServedModel};
 use crate::grpc::FusionApi;
 use crate::loader;
-use crate::preprocess::{InputLimits, PreparedSample};
+use crate::preprocess::InputLimits;
 use crate::proto;
 use crate::proto::fusion_service_server::FusionServiceServer;
 use crate::store::ModelStore;
@@ -153,7 +153,7 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         tracing::warn!("serving the built-in default model with RANDOM, UNTRAINED weights: predictions are meaningless until it is trained (Train RPC) or --model-dir is given");
     }
     let pixels = (served.config.image.height * served.config.image.width) as u64;
-    let warmup = warmup_sample(&served);
+    let warmup = crate::watcher::warmup_sample(&served);
     let slot = ModelSlot::new(served);
     let engine = Engine::spawn(slot.clone());
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -174,6 +174,15 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
     })
     .layer(engine);
     metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&slot.current().version));
+    if config.store_watch_interval_secs > 0.0 {
+        let watcher = crate::watcher::StoreWatcher {
+            store: store.clone(),
+            slot: slot.clone(),
+            device: device.clone(),
+            limits: input_limits.clone(),
+        };
+        tokio::spawn(watcher.run(Duration::from_secs_f64(config.store_watch_interval_secs)));
+    }
     Ok(Backend {
         slot,
         batcher,
@@ -181,17 +190,6 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         device,
         input_limits,
     })
-}
-
-/// A blank image and one second of silence-level features.
-fn warmup_sample(model: &ServedModel) -> PreparedSample {
-    let c = &model.config;
-    let frames = (c.audio.sample_rate as usize / c.audio.hop_length).max(1);
-    PreparedSample {
-        image: vec![0.0; c.image.channels * c.image.height * c.image.width],
-        audio: vec![c.audio.log_eps.ln(); frames * c.audio.n_mels],
-        frames,
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

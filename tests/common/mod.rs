@@ -1,5 +1,7 @@
-//! Shared test helpers: the av-digits data and an in-process server.
+//! Shared test helpers: the av-digits data, an in-process server, the real binary.
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::io::Read;
 use std::net::SocketAddr;
