@@ -10,13 +10,16 @@ pub fn model_info(model: &ServedModel, limits: &RequestLimits) -> proto::ModelIn
         model_version: model.version.clone(),
         architecture: format!(
             "ResNet-18 image encoder (widths {:?}) + {}-layer LSTM audio encoder (hidden {}) + \
-             temporal max-pool (kernel {}, stride {}) and global {:?} pool + MLP head {:?} -> {}",
+             temporal max-pool (kernel {}, stride {}) and global {} pool + MLP head {:?} -> {}",
             c.image.widths,
             c.audio_encoder.num_layers,
             c.audio_encoder.hidden_size,
             c.pooling.kernel,
             c.pooling.stride,
-            c.pooling.global,
+            match c.pooling.global {
+                crate::model::config::GlobalPool::Max => "max",
+                crate::model::config::GlobalPool::Mean => "mean",
+            },
             c.head.hidden,
             c.num_outputs()
         ),
@@ -45,7 +48,56 @@ pub fn model_info(model: &ServedModel, limits: &RequestLimits) -> proto::ModelIn
             max_audio_seconds: limits.input.max_audio_seconds,
             max_message_bytes: limits.max_message_bytes as u64,
         }),
-        training: None,
+        training: model.meta.training.as_ref().map(training_summary),
         config_json: serde_json::to_string_pretty(c).unwrap_or_default(),
+    }
+}
+
+/// GetModelInfo's `training` from a version's `metadata.json` (as JSON).
+fn training_summary(md: &serde_json::Value) -> proto::TrainingSummary {
+    let u32_of = |k: &str| md.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    let str_of = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let validation = md
+        .get("metrics")
+        .and_then(|m| m.get("validation"))
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(f64::NAN) as f32;
+            let list = |k: &str| -> Vec<serde_json::Value> {
+                v.get(k)
+                    .and_then(|x| x.as_array())
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            proto::ValidationResult {
+                epoch: v.get("epoch").and_then(|x| x.as_u64()).unwrap_or(0) as u32,
+                loss: f("loss"),
+                accuracy: f("accuracy"),
+                per_class_accuracy: list("per_class_accuracy")
+                    .iter()
+                    .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+                    .collect(),
+                per_class_count: list("per_class_count")
+                    .iter()
+                    .map(|x| x.as_u64().unwrap_or(0) as u32)
+                    .collect(),
+            }
+        });
+    proto::TrainingSummary {
+        finished_at: str_of("created_at"),
+        parent_version: str_of("parent_version"),
+        config_json: md
+            .get("train_config")
+            .map(|c| c.to_string())
+            .unwrap_or_default(),
+        validation,
+        train_examples: u32_of("train_examples"),
+        validation_examples: u32_of("validation_examples"),
+        epochs_completed: u32_of("epochs_completed"),
     }
 }
