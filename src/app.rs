@@ -8,6 +8,7 @@ use crate::engine::ModelSlot;
 use crate::error::ServeError;
 use crate::preprocess::InputLimits;
 use crate::store::ModelStore;
+use crate::training::TrainManager;
 use candle_core::Device;
 
 /// Per-request limits checked by the handlers.
@@ -27,6 +28,8 @@ pub struct Backend {
     pub store: Arc<ModelStore>,
     pub device: Device,
     pub input_limits: InputLimits,
+    /// One Train run at a time, and its limits.
+    pub training: Arc<TrainManager>,
 }
 
 pub struct App {

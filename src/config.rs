@@ -81,6 +81,11 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub batch: BatchConfig,
 
+    /// Most bytes of preprocessed examples one Train run holds in memory (images and
+    /// log-mel features as f32); past it the run fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FUSION_TRAIN_MAX_EXAMPLE_BYTES", default_value_t = 2 << 30)]
+    pub train_max_example_bytes: usize,
+
     /// After SIGTERM, keep serving this long while reporting NOT_SERVING, so load
     /// balancers stop sending traffic before the listener closes.
     #[arg(long, env = "FUSION_DRAIN_DELAY_SECS", default_value_t = 0.0)]

@@ -16,6 +16,7 @@ pub mod preprocess;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod training;
 pub mod watcher;
 pub mod weights;
 

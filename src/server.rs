@@ -23,6 +23,7 @@ use crate::proto;
 use crate::proto::fusion_service_server::FusionServiceServer;
 use crate::store::ModelStore;
 use crate::telemetry::metrics as m;
+use crate::training::TrainManager;
 
 const SERVICE_NAME: &str = "fusion.v1.FusionService";
 
@@ -189,6 +190,7 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         store,
         device,
         input_limits,
+        training: Arc::new(TrainManager::new(config.train_max_example_bytes)),
     })
 }
 

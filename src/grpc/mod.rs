@@ -4,5 +4,6 @@ pub mod convert;
 pub mod deadline;
 mod info;
 mod service;
+mod train;
 
 pub use service::{code_name, FusionApi};

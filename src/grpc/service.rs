@@ -211,10 +211,8 @@ impl FusionService for FusionApi {
 
     async fn train(
         &self,
-        _request: Request<Streaming<proto::TrainRequest>>,
+        request: Request<Streaming<proto::TrainRequest>>,
     ) -> Result<Response<Self::TrainStream>, Status> {
-        Err(Status::unimplemented(
-            "Train is not implemented in this build yet",
-        ))
+        super::train::train(self.app.clone(), request).await
     }
 }

@@ -1,0 +1,362 @@
+//! The Train handler: reads the settings and the examples from the request stream,
+//! preprocesses examples off the async threads, runs the training on a thread of its
+//! own and streams its events back. Model and training code live in
+//! [`crate::training`]; this file only converts messages and maps errors.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use super::service::TrainStream;
+use crate::app::{App, Backend};
+use crate::engine::ServedModel;
+use crate::error::InputError;
+use crate::proto;
+use crate::proto::train_request::Item;
+use crate::store::TrainLock;
+use crate::telemetry::metrics as m;
+use crate::training::{self, dataset, Example, RunEvent, RunPermit, TrainError, TrainSettings};
+
+/// Examples being preprocessed at once (each on a blocking thread).
+const PREPROCESS_IN_FLIGHT: usize = 8;
+/// Events buffered for a slow client; progress events beyond it are dropped.
+const EVENT_BUFFER: usize = 128;
+
+type EventTx = mpsc::Sender<Result<proto::TrainEvent, Status>>;
+
+pub async fn train(
+    app: Arc<App>,
+    request: Request<Streaming<proto::TrainRequest>>,
+) -> Result<Response<TrainStream>, Status> {
+    match start(app, request).await {
+        Ok(stream) => Ok(Response::new(stream)),
+        Err(e) => {
+            record_outcome(e.outcome());
+            tracing::info!(error = %e, "training run refused");
+            Err(e.into())
+        }
+    }
+}
+
+fn record_outcome(outcome: &'static str) {
+    metrics::counter!(m::TRAIN_RUNS, "outcome" => outcome).increment(1);
+}
+
+/// Checks the first message, takes the run slot and the store lock, then hands the
+/// rest to a task and returns the event stream.
+async fn start(
+    app: Arc<App>,
+    request: Request<Streaming<proto::TrainRequest>>,
+) -> Result<TrainStream, TrainError> {
+    let backend = app.backend()?.clone();
+    let mut stream = request.into_inner();
+    let config = match stream.message().await {
+        Err(status) => {
+            return Err(TrainError::Cancelled(format!(
+                "reading the first message failed: {}",
+                status.message()
+            )))
+        }
+        Ok(None) => {
+            return Err(TrainError::InvalidArgument(
+                "config: the request stream ended before its first message; send a TrainRequest with `config` first".into(),
+            ))
+        }
+        Ok(Some(proto::TrainRequest {
+            item: Some(Item::Config(c)),
+        })) => c,
+        Ok(Some(_)) => {
+            return Err(TrainError::InvalidArgument(
+                "config: the first message must carry `config` (the run's settings); examples follow it".into(),
+            ))
+        }
+    };
+    // Checked before waiting for the slot, so bad settings fail at once.
+    TrainSettings::from_proto(&config, &backend.slot.current().config)?;
+    let permit = backend.training.acquire(config.queue).await?;
+    let base = backend.slot.current();
+    let settings = TrainSettings::from_proto(&config, &base.config)?;
+    let lock = {
+        let backend = backend.clone();
+        tokio::task::spawn_blocking(move || training::lock_store(&backend))
+            .await
+            .map_err(|e| TrainError::Internal(format!("locking the store: {e}")))??
+    };
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    let run = Run {
+        backend,
+        base,
+        settings,
+        permit,
+        lock,
+        tx,
+    };
+    tokio::spawn(run.drive(stream));
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+struct Run {
+    backend: Backend,
+    base: Arc<ServedModel>,
+    settings: TrainSettings,
+    permit: RunPermit,
+    lock: TrainLock,
+    tx: EventTx,
+}
+
+impl Run {
+    async fn drive(self, stream: Streaming<proto::TrainRequest>) {
+        let examples = match read_examples(&self.backend, &self.base, stream, &self.tx).await {
+            Ok(e) => e,
+            Err(e) => {
+                record_outcome(e.outcome());
+                tracing::info!(error = %e, "training run ended while reading examples");
+                let _ = self.tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        {
+            // A client that goes away cancels the run at its next micro-batch.
+            let (tx, cancel) = (self.tx.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tx.closed() => cancel.store(true, Ordering::Relaxed),
+                    _ = done_rx => {}
+                }
+            });
+        }
+        let Run {
+            backend,
+            base,
+            settings,
+            permit,
+            lock,
+            tx,
+        } = self;
+        let threads = backend.training.threads;
+        let spawned = std::thread::Builder::new()
+            .name("fusion-train".into())
+            .spawn(move || {
+                let _permit = permit;
+                let mut emit = |e: RunEvent| send_event(&tx, e);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    training::run_blocking(
+                        &backend, &lock, base, settings, examples, threads, cancel, &mut emit,
+                    )
+                }))
+                .unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(TrainError::Internal(format!(
+                        "the training thread panicked: {what}"
+                    )))
+                });
+                drop(done_tx);
+                drop(lock);
+                match result {
+                    Ok(f) => {
+                        record_outcome("succeeded");
+                        let event = proto::train_event::Event::Finished(proto::TrainFinished {
+                            model_version: f.version,
+                            path: f.path,
+                            activated: f.activated,
+                            epochs_completed: f.epochs_completed as u32,
+                            final_train_loss: f.final_train_loss,
+                            validation: f.validation.map(validation),
+                            train_seconds: f.train_seconds,
+                        });
+                        let _ = tx.blocking_send(Ok(proto::TrainEvent { event: Some(event) }));
+                    }
+                    Err(e) => {
+                        record_outcome(e.outcome());
+                        if e.code() == tonic::Code::Internal {
+                            tracing::error!(error = %e, "training run failed");
+                        } else {
+                            tracing::info!(error = %e, "training run ended");
+                        }
+                        let _ = tx.blocking_send(Err(e.into()));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            record_outcome("failed");
+            tracing::error!(error = %e, "cannot start the training thread");
+        }
+    }
+}
+
+/// Sends one event; false once the client has gone. Progress events are dropped
+/// rather than waited for when the client reads slowly.
+fn send_event(tx: &EventTx, e: RunEvent) -> bool {
+    use proto::train_event::Event as E;
+    let (event, droppable) = match e {
+        RunEvent::Started {
+            run_id,
+            train_examples,
+            validation_examples,
+            base_version,
+            total_steps,
+        } => (
+            E::Started(proto::TrainStarted {
+                run_id,
+                train_examples: train_examples as u32,
+                validation_examples: validation_examples as u32,
+                base_version,
+                total_steps: total_steps as u32,
+            }),
+            false,
+        ),
+        RunEvent::Loop(training::Event::Progress {
+            epoch,
+            step,
+            total_steps,
+            running_loss,
+            examples_per_second,
+            eta_seconds,
+        }) => (
+            E::Progress(proto::TrainProgress {
+                epoch: epoch as u32,
+                step: step as u32,
+                total_steps: total_steps as u32,
+                running_loss,
+                examples_per_second,
+                eta_seconds,
+            }),
+            true,
+        ),
+        RunEvent::Loop(training::Event::Validation(v)) => (E::Validation(validation(v)), false),
+    };
+    let msg = Ok(proto::TrainEvent { event: Some(event) });
+    if droppable {
+        !matches!(tx.try_send(msg), Err(mpsc::error::TrySendError::Closed(_)))
+    } else {
+        tx.blocking_send(msg).is_ok()
+    }
+}
+
+pub fn validation(v: training::Validation) -> proto::ValidationResult {
+    proto::ValidationResult {
+        epoch: v.epoch as u32,
+        loss: v.loss,
+        accuracy: v.accuracy,
+        per_class_accuracy: v.per_class_accuracy,
+        per_class_count: v.per_class_count,
+    }
+}
+
+type Pending = JoinHandle<Result<Example, InputError>>;
+
+/// Reads every example: labels checked at once, samples converted and preprocessed on
+/// blocking threads, a few at a time, counted against the memory limit.
+async fn read_examples(
+    backend: &Backend,
+    base: &Arc<ServedModel>,
+    mut stream: Streaming<proto::TrainRequest>,
+    tx: &EventTx,
+) -> Result<Vec<Example>, TrainError> {
+    let limit = backend.training.max_example_bytes;
+    let mut held = 0usize;
+    let mut examples = Vec::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut index = 0usize;
+    loop {
+        if tx.is_closed() {
+            return Err(TrainError::Cancelled(
+                "the client cancelled the run while sending examples".into(),
+            ));
+        }
+        let message = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(status) => {
+                return Err(TrainError::Cancelled(format!(
+                    "the request stream failed after {index} examples: {}",
+                    status.message()
+                )))
+            }
+        };
+        let example = match message.item {
+            Some(Item::Example(e)) => e,
+            Some(Item::Config(_)) => {
+                return Err(TrainError::Input(InputError::new(
+                    format!("examples[{index}]"),
+                    "`config` may only be sent in the first message",
+                )))
+            }
+            None => {
+                return Err(TrainError::Input(InputError::new(
+                    format!("examples[{index}]"),
+                    "empty message: set `example`",
+                )))
+            }
+        };
+        let target = dataset::target(index, &example, &base.config)?;
+        let Some(sample) = example.sample else {
+            return Err(TrainError::Input(InputError::new(
+                format!("examples[{index}].sample"),
+                "missing: set the sample (an image and an audio clip, as for Predict)",
+            )));
+        };
+        let preprocessor = base.preprocessor.clone();
+        let is_validation = example.validation;
+        let i = index;
+        pending.push_back(tokio::task::spawn_blocking(move || {
+            let raw = convert::sample(i, sample).map_err(|e| dataset::example_field(i, e))?;
+            let prepared = preprocessor
+                .prepare(i, &raw)
+                .map_err(|e| dataset::example_field(i, e))?;
+            Ok(Example {
+                sample: prepared,
+                target,
+                validation: is_validation,
+            })
+        }));
+        index += 1;
+        while pending.len() >= PREPROCESS_IN_FLIGHT {
+            take_one(&mut pending, &mut examples, &mut held, limit).await?;
+        }
+    }
+    while !pending.is_empty() {
+        take_one(&mut pending, &mut examples, &mut held, limit).await?;
+    }
+    if examples.is_empty() {
+        return Err(TrainError::InvalidArgument(
+            "examples: the stream held no examples after `config`; send at least two".into(),
+        ));
+    }
+    Ok(examples)
+}
+
+async fn take_one(
+    pending: &mut VecDeque<Pending>,
+    examples: &mut Vec<Example>,
+    held: &mut usize,
+    limit: usize,
+) -> Result<(), TrainError> {
+    let Some(handle) = pending.pop_front() else {
+        return Ok(());
+    };
+    let example = handle
+        .await
+        .map_err(|e| TrainError::Internal(format!("preprocessing task failed: {e}")))??;
+    *held += example.bytes();
+    if *held > limit {
+        return Err(TrainError::ResourceExhausted(format!(
+            "examples[{}]: the preprocessed examples of this run need more than the limit of {limit} bytes (--train-max-example-bytes / FUSION_TRAIN_MAX_EXAMPLE_BYTES); send fewer or shorter examples, or raise the limit",
+            examples.len()
+        )));
+    }
+    examples.push(example);
+    Ok(())
+}
