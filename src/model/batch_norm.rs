@@ -21,14 +21,20 @@ pub struct BatchNorm2d {
     num_features: usize,
     eps: f64,
     momentum: f64,
+    /// True when the running statistics are private copies (the builder's tensors
+    /// were not variables), so only this module's training passes can change them.
+    owns_running_stats: bool,
 }
 
 impl BatchNorm2d {
     pub fn new(num_features: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get(num_features, "weight")?;
         let bias = vb.get(num_features, "bias")?;
-        let running_mean = Var::from_tensor(&vb.get(num_features, "running_mean")?)?;
-        let running_var = Var::from_tensor(&vb.get(num_features, "running_var")?)?;
+        let running_mean = vb.get(num_features, "running_mean")?;
+        let running_var = vb.get(num_features, "running_var")?;
+        let owns_running_stats = !running_mean.is_variable() && !running_var.is_variable();
+        let running_mean = Var::from_tensor(&running_mean)?;
+        let running_var = Var::from_tensor(&running_var)?;
         Ok(Self {
             weight,
             bias,
@@ -37,6 +43,7 @@ impl BatchNorm2d {
             num_features,
             eps: BN_EPS,
             momentum: BN_MOMENTUM,
+            owns_running_stats,
         })
     }
 
@@ -46,6 +53,29 @@ impl BatchNorm2d {
 
     pub fn running_var(&self) -> &Tensor {
         self.running_var.as_tensor()
+    }
+
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+
+    /// Whether nothing outside this module can change its tensors: the affine
+    /// parameters are not variables and the running statistics are private, so
+    /// values derived from them stay valid until a training-mode pass.
+    pub fn is_frozen(&self) -> bool {
+        self.owns_running_stats && !self.weight.is_variable() && !self.bias.is_variable()
+    }
+
+    /// Eval mode as one affine map per channel: `y = x * scale + shift` with
+    /// `scale = weight / sqrt(running_var + eps)`, `shift = bias - running_mean * scale`,
+    /// both `(C)`.
+    pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let inv_std = (self.running_var.as_tensor().detach() + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let scale = (&self.weight * inv_std)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
+        Ok((scale, shift))
     }
 
     fn check_input(&self, x: &Tensor) -> Result<usize> {
@@ -60,13 +90,8 @@ impl BatchNorm2d {
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        // y = (x - mean) / sqrt(var + eps) * w + b, folded into one scale and one shift.
         let c = self.num_features;
-        let inv_std = (self.running_var.as_tensor().detach() + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let scale = (&self.weight * inv_std)?;
-        let shift = (&self.bias - (self.running_mean.as_tensor().detach() * &scale)?)?;
+        let (scale, shift) = self.eval_scale_shift()?;
         x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
             .broadcast_add(&shift.reshape((1, c, 1, 1))?)
     }

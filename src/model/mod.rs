@@ -14,5 +14,5 @@ pub use batch_norm::BatchNorm2d;
 pub use config::ModelConfig;
 pub use fusion::{FusionModel, FusionOutput};
 pub use head::Head;
-pub use image_encoder::{BasicBlock, ImageEncoder};
+pub use image_encoder::{BasicBlock, ConvBn, ImageEncoder};
 pub use pooling::TemporalPooling;
