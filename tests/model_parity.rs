@@ -15,7 +15,9 @@
 //! running statistics that are not 0/1, a batch of 4 samples whose log-mel inputs
 //! have 23, 10, 3 and 2 frames (right-padded with large garbage), and the outputs
 //! the reference computes per sample, without padding, in float64, for both global
-//! poolings (`max.*` with the config as is, `mean.*` with `pooling.global = "mean"`).
+//! poolings (`max.*` with the config as is, `mean.*` with `pooling.global = "mean"`),
+//! plus one training-mode pass (`train.*`: batch-norm batch statistics) and the
+//! running statistics it leaves (`train_state.*`).
 //!
 //! Error measure, per output tensor: `max |rust - torch| / max(max |torch|, 1e-6)`.
 //!
@@ -117,6 +119,55 @@ fn narrow_fixture_matches_pytorch() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity_narrow");
     let worst = check_fixture(&dir);
     println!("worst parity error {worst:.3e}");
+}
+
+#[test]
+fn narrow_fixture_train_mode_matches_pytorch() {
+    // Batch norm uses batch statistics and updates the running ones, as in PyTorch.
+    let cpu = Device::Cpu;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity_narrow");
+    let loaded = weights::load_dir(&dir).unwrap();
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &cpu).unwrap();
+    let lengths: Vec<usize> = io["lengths"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|l| l as usize)
+        .collect();
+    let varmap = loaded.to_varmap().unwrap();
+    let model = weights::model_from_varmap(&loaded.config, &varmap, &cpu).unwrap();
+    let out = model
+        .forward_t(&io["images"], &io["audio"], &lengths, true)
+        .unwrap();
+    for (name, got) in outputs(&out) {
+        let err = max_rel_err(got, &io[&format!("train.{name}")]);
+        println!("  train mode {name:<6} max relative error {err:.3e}");
+        assert!(
+            err < PARITY_TOLERANCE,
+            "train.{name}: relative error {err:.3e}"
+        );
+    }
+    let mut n = 0;
+    for (key, expected) in &io {
+        if let Some(name) = key.strip_prefix("train_state.") {
+            let name = format!(
+                "image_encoder.{}",
+                name.trim_start_matches("image_encoder.")
+            );
+            let got = weights::TensorSource::tensor(&varmap, &name).unwrap();
+            let err = max_rel_err(&got, expected);
+            assert!(
+                err < PARITY_TOLERANCE,
+                "{name} after a training pass: {err:.3e}"
+            );
+            n += 1;
+        }
+    }
+    assert_eq!(
+        n,
+        2 * 20,
+        "every batch norm's running statistics are checked"
+    );
 }
 
 #[test]

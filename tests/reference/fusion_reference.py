@@ -10,8 +10,9 @@ Commands (run from the repository root):
 
   # A parity fixture: random weights (with non-trivial batch-norm statistics), a
   # batch of real log-mel inputs of different lengths, and the expected outputs
-  # computed per sample in float64. Writes OUT/config.json, OUT/model.safetensors,
-  # OUT/io.safetensors.
+  # computed per sample in float64 (eval mode with max and mean global pooling, and
+  # one training-mode pass with the running statistics it leaves). Writes
+  # OUT/config.json, OUT/model.safetensors, OUT/io.safetensors.
   python3 tests/reference/fusion_reference.py fixture --config CONFIG --out OUT \
       [--seed 0] [--lengths 23,10,3,2]
 
@@ -208,14 +209,16 @@ def make_inputs(cfg, lengths, gen):
     hop, sr = a["hop_length"], a["sample_rate"]
     feats = []
     for length in lengths:
-        # A chirp plus noise whose frame count (center=True) is exactly `length`.
-        n = (length - 1) * hop + hop // 2
+        # A chirp plus noise whose frame count (center=True) is exactly `length`; a
+        # clip too short for the reflect padding is made longer and its leading
+        # `length` frames kept.
+        n = max((length - 1) * hop + hop // 2, a["n_fft"] // 2 + 1)
         t = torch.arange(n, dtype=torch.float64) / sr
         f0 = 200 + 1500 * torch.rand(1, generator=gen, dtype=torch.float64)
         wave = 0.5 * torch.sin(2 * math.pi * f0 * t * (1 + 2 * t)) + 0.05 * torch.randn(
             n, generator=gen, dtype=torch.float64
         )
-        m = log_mel(cfg, wave.float())
+        m = log_mel(cfg, wave.float())[:length]
         assert m.shape[0] == length, (m.shape, length)
         feats.append(m)
     t_max = max(lengths)
@@ -272,6 +275,16 @@ def cmd_fixture(args):
             out = ref(images.double(), [f.double() for f in feats])
             for key, value in out.items():
                 io[f"{mode}.{key}"] = value.contiguous()
+    # One training-mode forward (batch-norm batch statistics, no dropout) on a copy:
+    # its outputs and the running statistics it leaves behind.
+    tr = copy.deepcopy(model).double().train()
+    with torch.no_grad():
+        out = tr(images.double(), [f.double() for f in feats])
+    for key, value in out.items():
+        io[f"train.{key}"] = value.contiguous()
+    for name, buf in tr.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            io[f"train_state.{name}"] = buf.contiguous()
     save_file(io, os.path.join(args.out, "io.safetensors"))
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out} ({size} bytes); lengths {lengths}; pooling in config: {cfg['pooling']['global']}")
