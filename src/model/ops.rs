@@ -112,6 +112,9 @@ macro_rules! dispatch_float {
 /// (dilation 1, `ceil_mode=False`). Ties go to the first maximum in row-major window
 /// order and a NaN wins, as in PyTorch's CPU kernel; the backward pass routes each
 /// output gradient to that element.
+///
+/// On the CPU in `f32`/`f64` this is a custom kernel; elsewhere it falls back to
+/// [`max_pool2d_padded_composed`].
 pub fn max_pool2d_padded(
     x: &Tensor,
     kernel: usize,
@@ -119,11 +122,66 @@ pub fn max_pool2d_padded(
     padding: usize,
 ) -> Result<Tensor> {
     PoolGeometry::new(x.dims(), kernel, stride, padding)?;
+    if !fast_cpu_path(x) {
+        return max_pool2d_padded_composed(x, kernel, stride, padding);
+    }
     x.contiguous()?.apply_op1(MaxPool2d {
         kernel,
         stride,
         padding,
     })
+}
+
+/// [`max_pool2d_padded`] from ordinary candle operations, for any device and dtype:
+/// `-inf` padding, then the elementwise maximum of the `k * k` strided views (taken
+/// with `index_select`). Same forward values; in the backward pass exact ties share
+/// the gradient instead of it going to the first maximum.
+pub fn max_pool2d_padded_composed(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let g = PoolGeometry::new(x.dims(), kernel, stride, padding)?;
+    let (b, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let neg = |shape: (usize, usize, usize, usize)| {
+        Tensor::full(f32::NEG_INFINITY, shape, dev)?.to_dtype(x.dtype())
+    };
+    let x = if padding > 0 {
+        let p = padding;
+        let x = Tensor::cat(&[&neg((b, c, p, w))?, x, &neg((b, c, p, w))?], 2)?;
+        Tensor::cat(
+            &[&neg((b, c, h + 2 * p, p))?, &x, &neg((b, c, h + 2 * p, p))?],
+            3,
+        )?
+    } else {
+        x.clone()
+    };
+    let index = |len: usize, offset: usize| {
+        let idx: Vec<u32> = (0..len).map(|o| (o * stride + offset) as u32).collect();
+        Tensor::from_vec(idx, len, dev)
+    };
+    let mut out: Option<Tensor> = None;
+    for ky in 0..kernel {
+        let rows = x.index_select(&index(g.out_h, ky)?, 2)?;
+        for kx in 0..kernel {
+            let v = rows.index_select(&index(g.out_w, kx)?, 3)?;
+            out = Some(match out {
+                None => v,
+                Some(m) => m.maximum(&v)?,
+            });
+        }
+    }
+    match out {
+        Some(out) => Ok(out),
+        None => bail!("max_pool2d_padded: empty kernel"),
+    }
+}
+
+/// Whether our CPU kernels handle `x` (CPU storage, `f32` or `f64`).
+fn fast_cpu_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -302,9 +360,10 @@ impl CustomOp2 for MaxPool2dBackward {
 /// (dilation 1, groups 1): `x` `(B, C, H, W)`, `w` `(O, C, k, k)`, `bias` `(O)` ->
 /// `(B, O, Ho, Wo)`.
 ///
-/// Lowered to one [`im2col`] and one gemm, which on the CPU is several times faster
-/// than candle's tiled convolution for the small feature maps of our ResNet.
-/// Differentiable (the im2col backward is col2im; the gemm is candle's).
+/// On the CPU (`f32`/`f64`) lowered to one [`im2col`] and one gemm, several times
+/// faster than candle's tiled convolution for the small feature maps of our ResNet;
+/// elsewhere candle's `conv2d`. Differentiable (the im2col backward is col2im; the
+/// gemm is candle's).
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -320,6 +379,14 @@ pub fn conv2d(
             w.dims(),
             x.dims()
         )
+    }
+    if !fast_cpu_path(x) {
+        // Elsewhere candle's own convolution (cuDNN on CUDA) is the better choice.
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return match bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            None => Ok(y),
+        };
     }
     let g = ColGeometry::new(x.dims(), kh, stride, padding)?;
     let cols = im2col(x, kh, stride, padding)?;
@@ -499,7 +566,7 @@ impl CustomOp1 for Col2Im {
 /// backward pass through time; elsewhere it falls back to [`lstm_layer_composed`].
 pub fn lstm_layer(xproj: &Tensor, w_hh: &Tensor) -> Result<Tensor> {
     let (_, _, h) = check_lstm_shapes(xproj, w_hh)?;
-    if !xproj.device().is_cpu() || !matches!(xproj.dtype(), DType::F32 | DType::F64) {
+    if !fast_cpu_path(xproj) {
         return lstm_layer_composed(xproj, w_hh);
     }
     let packed = xproj
@@ -904,6 +971,53 @@ mod tests {
     }
 
     #[test]
+    fn max_pool_composed_fallback_matches_the_kernel() {
+        for (dims, k, st, p) in [
+            ((2, 3, 7, 6), 3, 2, 1),
+            ((1, 2, 5, 5), 2, 2, 0),
+            ((1, 1, 4, 9), 3, 1, 1),
+        ] {
+            let n = dims.0 * dims.1 * dims.2 * dims.3;
+            let x = Var::from_vec(seq(n, 1.0), dims, &Device::Cpu).unwrap();
+            let a = max_pool2d_padded(x.as_tensor(), k, st, p).unwrap();
+            let b = max_pool2d_padded_composed(x.as_tensor(), k, st, p).unwrap();
+            assert_eq!(max_abs_diff(&a, &b), 0.0);
+            let probe = Tensor::from_vec(seq(a.elem_count(), 1.0), a.dims(), &Device::Cpu).unwrap();
+            let ga = (&a * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (&b * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (ga, gb) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            assert!(max_abs_diff(ga, gb) < 1e-12);
+        }
+        // Other dtypes take the composed path.
+        let x = Tensor::arange(0f32, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 4, 4))
+            .unwrap();
+        let y = max_pool2d_padded(&x.to_dtype(DType::BF16).unwrap(), 3, 2, 1).unwrap();
+        let y = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(y, vec![5., 7., 13., 15.]);
+    }
+
+    #[test]
     fn max_pool_rejects_bad_geometry() {
         let x = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(max_pool2d_padded(&x, 3, 2, 2).is_err());
@@ -1019,6 +1133,42 @@ mod tests {
             let wts: Vec<f64> = seq(o * c * k * k + 3, 0.5).into_iter().skip(3).collect();
             let wv = Var::from_vec(wts, (o, c, k, k), &cpu).unwrap();
             let ours = conv2d(x.as_tensor(), wv.as_tensor(), None, stride, pad).unwrap();
+            // The fallback used off the CPU fast path, with a bias.
+            let bias = Tensor::from_vec(seq(o, 1.0), o, &cpu).unwrap();
+            let with_bias =
+                conv2d(x.as_tensor(), wv.as_tensor(), Some(&bias), stride, pad).unwrap();
+            let x16 = x.as_tensor().to_dtype(DType::F32).unwrap();
+            let w16 = wv.as_tensor().to_dtype(DType::F32).unwrap();
+            let b16 = bias.to_dtype(DType::F32).unwrap();
+            let f32_path = conv2d(&x16, &w16, Some(&b16), stride, pad).unwrap();
+            let fallback = conv2d(
+                &x16.to_dtype(DType::F16).unwrap(),
+                &w16.to_dtype(DType::F16).unwrap(),
+                Some(&b16.to_dtype(DType::F16).unwrap()),
+                stride,
+                pad,
+            )
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+            let scale = f32_path
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (&fallback - &f32_path)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 2e-2 * scale.max(1.0));
+            let with_bias_ref = ours
+                .broadcast_add(&bias.reshape((1, o, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_abs_diff(&with_bias, &with_bias_ref) < 1e-12);
             let theirs = x
                 .as_tensor()
                 .conv2d(wv.as_tensor(), pad, stride, 1, 1)
