@@ -40,6 +40,9 @@ struct Args {
     learning_rate: f32,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f32,
+    /// Constant learning rate instead of cosine decay.
+    #[arg(long)]
+    constant_lr: bool,
     /// Fraction of the training pairs held out for validation (and early stopping).
     #[arg(long, default_value_t = 0.1)]
     validation_fraction: f32,
@@ -169,6 +172,11 @@ async fn main() -> anyhow::Result<()> {
             epochs: args.epochs,
             batch_size: args.batch_size,
             learning_rate: args.learning_rate,
+            lr_schedule: if args.constant_lr {
+                proto::LrSchedule::Constant
+            } else {
+                proto::LrSchedule::Cosine
+            } as i32,
             weight_decay: Some(args.weight_decay),
             validation_fraction: args.validation_fraction,
             seed: args.seed,

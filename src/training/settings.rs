@@ -41,6 +41,33 @@ impl Parts {
     }
 }
 
+/// How the learning rate changes over the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay to 1% of the learning rate at the last planned step.
+    Cosine,
+}
+
+impl Schedule {
+    /// The learning rate of optimiser step `step` (0-based) of `total`.
+    pub fn rate(&self, base: f64, step: usize, total: usize) -> f64 {
+        match self {
+            Schedule::Constant => base,
+            Schedule::Cosine => {
+                let t = if total <= 1 {
+                    0.0
+                } else {
+                    step.min(total - 1) as f64 / (total - 1) as f64
+                };
+                let floor = 0.01 * base;
+                floor + (base - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
 /// Random changes to training examples (never to validation examples).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Augment {
@@ -63,6 +90,7 @@ pub struct TrainSettings {
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
+    pub lr_schedule: Schedule,
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
@@ -136,6 +164,16 @@ impl TrainSettings {
                 format!("must be a positive number, got {lr}"),
             ));
         }
+        let lr_schedule = match proto::LrSchedule::try_from(c.lr_schedule) {
+            Ok(proto::LrSchedule::Unspecified | proto::LrSchedule::Constant) => Schedule::Constant,
+            Ok(proto::LrSchedule::Cosine) => Schedule::Cosine,
+            Err(_) => {
+                return Err(invalid(
+                    "lr_schedule",
+                    format!("unknown value {}", c.lr_schedule),
+                ))
+            }
+        };
         let beta = |field: &str, v: f32, default: f32| -> Result<f32, TrainError> {
             let v = if v == 0.0 { default } else { v };
             finite_in(field, v, 0.0, 1.0, true)
@@ -243,6 +281,7 @@ impl TrainSettings {
             epochs: epochs as usize,
             batch_size: batch_size as usize,
             learning_rate: lr as f64,
+            lr_schedule,
             beta1: beta1 as f64,
             beta2: beta2 as f64,
             weight_decay: weight_decay as f64,
@@ -342,6 +381,15 @@ mod tests {
             let e = TrainSettings::from_proto(&c, &m).unwrap_err().to_string();
             assert!(e.contains(field), "{e} should name {field}");
         }
+    }
+
+    #[test]
+    fn cosine_decays_to_one_percent() {
+        let c = Schedule::Cosine;
+        assert!((c.rate(1.0, 0, 11) - 1.0).abs() < 1e-12);
+        assert!((c.rate(1.0, 5, 11) - 0.505).abs() < 1e-12);
+        assert!((c.rate(1.0, 10, 11) - 0.01).abs() < 1e-12);
+        assert_eq!(Schedule::Constant.rate(0.5, 7, 11), 0.5);
     }
 
     #[test]

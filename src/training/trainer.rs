@@ -177,6 +177,7 @@ fn train(
                 loss_n += ids.len();
                 seen += ids.len();
             }
+            opt.set_learning_rate(s.lr_schedule.rate(s.learning_rate, step, total_steps));
             opt.step(&grads)?;
             step += 1;
             let running = (loss_sum / loss_n.max(1) as f64) as f32;
