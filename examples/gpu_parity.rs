@@ -191,8 +191,14 @@ fn main() -> anyhow::Result<()> {
     let cpu = loader::builtin(&Device::Cpu, &limits)?;
     let n = args.batches.iter().copied().max().unwrap_or(1);
     let (raw, what) = match av_digits(&args.data, n)? {
-        Some(s) if !s.is_empty() => (s, format!("av-digits test pairs from {}", args.data.display())),
-        _ => (synthetic(&cpu, n), "synthetic samples (no av-digits data)".to_string()),
+        Some(s) if !s.is_empty() => (
+            s,
+            format!("av-digits test pairs from {}", args.data.display()),
+        ),
+        _ => (
+            synthetic(&cpu, n),
+            "synthetic samples (no av-digits data)".to_string(),
+        ),
     };
     let prepared = raw
         .iter()

@@ -1,6 +1,6 @@
-//! `--device auto|cpu|cuda|cuda:N`.
+//! `--device auto|cpu|cuda|cuda:N` and `--dtype f32|f16|bf16`.
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Picks the device named by `spec`. `auto` takes the first GPU when this build has
 /// CUDA support and one is present, else the CPU.
@@ -30,6 +30,26 @@ pub fn select(spec: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// The inference dtype named by `spec` (`--dtype`, env `FUSION_DTYPE`) for a model on
+/// `device`. Half precision (f16, bf16) is for GPUs only: candle's CPU kernels for
+/// them are slow and partly missing, so it is refused on the CPU, naming the flag.
+pub fn select_dtype(spec: &str, device: &Device) -> anyhow::Result<DType> {
+    let dtype = match spec.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "f16" | "float16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        _ => anyhow::bail!("--dtype {spec:?}: expected f32, f16 or bf16"),
+    };
+    if dtype != DType::F32 && device.is_cpu() {
+        anyhow::bail!(
+            "--dtype {}: half precision runs on a GPU only (--device cuda, in a build with \
+             `--features cuda`); on the CPU use --dtype f32",
+            dtype.as_str()
+        );
+    }
+    Ok(dtype)
+}
+
 /// A short name for logs and GetModelInfo.
 pub fn describe(device: &Device) -> String {
     match device {
@@ -55,5 +75,17 @@ mod tests {
         assert!(e.contains("--device"), "{e}");
         let e = select("cuda:x").unwrap_err().to_string();
         assert!(e.contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn dtypes_parse_and_half_precision_is_refused_on_the_cpu() {
+        assert_eq!(select_dtype("f32", &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(select_dtype(" F32 ", &Device::Cpu).unwrap(), DType::F32);
+        for spec in ["f16", "bf16", "bfloat16"] {
+            let e = select_dtype(spec, &Device::Cpu).unwrap_err().to_string();
+            assert!(e.contains("--dtype") && e.contains("GPU"), "{e}");
+        }
+        let e = select_dtype("f64", &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("--dtype") && e.contains("bf16"), "{e}");
     }
 }
