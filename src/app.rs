@@ -1,6 +1,5 @@
 //! Shared state of a running service: limits, and the backend once it is ready.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::batching::BatchService;
@@ -35,7 +34,8 @@ pub struct Backend {
 pub struct App {
     pub limits: RequestLimits,
     backend: OnceLock<Backend>,
-    draining: AtomicBool,
+    /// Flips to true once on SIGTERM/SIGINT; training runs watch it.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
@@ -43,7 +43,7 @@ impl App {
         Arc::new(Self {
             limits,
             backend: OnceLock::new(),
-            draining: AtomicBool::new(false),
+            draining: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -59,10 +59,15 @@ impl App {
     }
 
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.send_replace(true);
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        *self.draining.borrow()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub fn draining(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.draining.subscribe()
     }
 }

@@ -80,7 +80,7 @@ pub async fn serve(
     let drain = Duration::from_secs_f64(config.drain_delay_secs.max(0.0));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<anyhow::Error>>();
     {
-        let reporter = reporter.clone();
+        let (reporter, app) = (reporter.clone(), app.clone());
         tokio::spawn(async move {
             let failure = tokio::select! {
                 _ = shutdown => None,
@@ -88,6 +88,7 @@ pub async fn serve(
             };
             set_health(&reporter, ServingStatus::NotServing).await;
             metrics::gauge!(m::READY).set(0.0);
+            app.start_draining();
             if failure.is_none() && !drain.is_zero() {
                 tracing::info!(
                     ?drain,

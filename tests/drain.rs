@@ -96,3 +96,65 @@ async fn sigterm_drains_under_load_and_exits_zero() {
         failed.iter().map(|(_, _, c)| c).take(5).collect::<Vec<_>>()
     );
 }
+
+/// SIGTERM during a training run stops it cleanly: the stream ends UNAVAILABLE,
+/// nothing is stored (no version, no temporary files), and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_a_training_run_cleanly() {
+    use fusion_serve::proto::train_event::Event;
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap().to_string();
+    let mut server = ServerProcess::start(&["--model-dir", &dir]).await;
+    let mut client = FusionServiceClient::connect(server.url()).await.unwrap();
+    let mut msgs = vec![proto::TrainRequest {
+        item: Some(proto::train_request::Item::Config(proto::TrainConfig {
+            epochs: 1000,
+            batch_size: 4,
+            ..Default::default()
+        })),
+    }];
+    for p in pairs().iter().filter(|p| p.split == "train").take(8) {
+        msgs.push(proto::TrainRequest {
+            item: Some(proto::train_request::Item::Example(proto::TrainExample {
+                sample: Some(sample(p)),
+                label_index: Some(p.label),
+                ..Default::default()
+            })),
+        });
+    }
+    let mut events = client
+        .train(tokio_stream::iter(msgs))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let ev = events
+            .message()
+            .await
+            .unwrap()
+            .expect("the run ended early");
+        if matches!(ev.event, Some(Event::Progress(_))) {
+            break;
+        }
+    }
+    server.sigterm();
+    let status = loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the run ended without a status"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    let code = tokio::task::spawn_blocking(move || server.wait_exit(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let versions = store.path().join("versions");
+    let leftovers: Vec<_> = std::fs::read_dir(&versions)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "the store changed: {leftovers:?}");
+    assert!(!store.path().join("ACTIVE").exists());
+}

@@ -96,6 +96,7 @@ async fn start(
         permit,
         lock,
         tx,
+        draining: app.draining(),
     };
     tokio::spawn(run.drive(stream));
     Ok(Box::pin(ReceiverStream::new(rx)))
@@ -108,6 +109,8 @@ struct Run {
     permit: RunPermit,
     lock: TrainLock,
     tx: EventTx,
+    /// Shutdown stops the run at its next micro-batch: nothing is stored.
+    draining: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Run {
@@ -122,13 +125,20 @@ impl Run {
             }
         };
         let cancel = Arc::new(AtomicBool::new(false));
+        let shutting_down = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         {
-            // A client that goes away cancels the run at its next micro-batch.
-            let (tx, cancel) = (self.tx.clone(), cancel.clone());
+            // A client that goes away, or a server shutdown, cancels the run at its
+            // next micro-batch.
+            let (tx, cancel, stop) = (self.tx.clone(), cancel.clone(), shutting_down.clone());
+            let mut draining = self.draining.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = tx.closed() => cancel.store(true, Ordering::Relaxed),
+                    _ = draining.wait_for(|d| *d) => {
+                        stop.store(true, Ordering::Relaxed);
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                     _ = done_rx => {}
                 }
             });
@@ -140,12 +150,12 @@ impl Run {
             permit,
             lock,
             tx,
+            draining: _,
         } = self;
         let threads = backend.training.threads;
         let spawned = std::thread::Builder::new()
             .name("fusion-train".into())
             .spawn(move || {
-                let _permit = permit;
                 let mut emit = |e: RunEvent| send_event(&tx, e);
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     training::run_blocking(
@@ -162,8 +172,11 @@ impl Run {
                         "the training thread panicked: {what}"
                     )))
                 });
+                // Free the slot and the store before the last event, so a client that
+                // starts its next run as soon as it reads it is not refused.
                 drop(done_tx);
                 drop(lock);
+                drop(permit);
                 match result {
                     Ok(f) => {
                         record_outcome("succeeded");
@@ -179,6 +192,14 @@ impl Run {
                         let _ = tx.blocking_send(Ok(proto::TrainEvent { event: Some(event) }));
                     }
                     Err(e) => {
+                        let e = match e {
+                            TrainError::Cancelled(_) if shutting_down.load(Ordering::Relaxed) => {
+                                TrainError::Serve(crate::error::ServeError::Unavailable(
+                                    "the server is shutting down: the run was stopped and nothing was stored; retry on another replica".into(),
+                                ))
+                            }
+                            e => e,
+                        };
                         record_outcome(e.outcome());
                         if e.code() == tonic::Code::Internal {
                             tracing::error!(error = %e, "training run failed");
