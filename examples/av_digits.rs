@@ -52,8 +52,14 @@ struct Args {
     #[arg(long, default_value_t = 0.1)]
     head_dropout: f32,
     /// Image shift augmentation in pixels (0: off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 2)]
     shift: u32,
+    /// Audio gain augmentation: a random gain in [1 - x, 1 + x] (0: off).
+    #[arg(long, default_value_t = 0.3)]
+    audio_gain: f32,
+    /// Audio time-shift augmentation, in seconds (0: off).
+    #[arg(long, default_value_t = 0.1)]
+    audio_shift: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use at most this many training pairs (0: all).
@@ -182,9 +188,11 @@ async fn main() -> anyhow::Result<()> {
             seed: args.seed,
             early_stopping_patience: args.patience,
             head_dropout: args.head_dropout,
-            augmentation: (args.shift > 0).then_some(proto::Augmentation {
+            augmentation: Some(proto::Augmentation {
                 image_max_shift_pixels: args.shift,
-                ..Default::default()
+                audio_gain: args.audio_gain,
+                audio_max_shift_seconds: args.audio_shift,
+                audio_noise_std: 0.0,
             }),
             activate: Some(true),
             ..Default::default()
