@@ -60,8 +60,6 @@ if [ -d "$site/nvidia/cudnn/lib" ]; then
     base=$(basename "$lib"); plain="${base%%.so.*}.so"
     [ -e "$CUDNN_LIB/lib/$plain" ] || ln -s "$base" "$CUDNN_LIB/lib/$plain"
   done
-  # cudarc's cuDNN headers check: the wheel keeps them under include/.
-  export CPATH="$CUDNN_LIB/include${CPATH:+:$CPATH}"
 fi
 export LD_LIBRARY_PATH="$CUDA_HOME/lib${CUDNN_LIB:+:$CUDNN_LIB/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
@@ -83,7 +81,9 @@ log "CUDA_HOME=$CUDA_HOME"
 # 4. Stub libcuda.so for the link (lib/stubs is on cudarc's link search path).
 cargo fetch --quiet
 cudarc_ver=$(awk '/^name = "cudarc"$/{getline; gsub(/"/,"",$3); print $3}' Cargo.lock)
-cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc_ver" | head -n1)
+cudarc_src=$(find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -maxdepth 2 -type d \
+  -name "cudarc-$cudarc_ver" | head -n1)
+[ -n "$cudarc_src" ] || { echo "cudarc $cudarc_ver sources not found after cargo fetch" >&2; exit 1; }
 if [ ! -f "$CUDA_HOME/lib/stubs/libcuda.so" ] \
    || [ "$root/scripts/cuda/make-libcuda-stub.sh" -nt "$CUDA_HOME/lib/stubs/libcuda.so" ]; then
   bash "$root/scripts/cuda/make-libcuda-stub.sh" "$cudarc_src" "$CUDA_HOME/lib/stubs"
@@ -91,10 +91,12 @@ fi
 
 if [ -n "${SETUP_ONLY:-}" ]; then
   log "environment ready (SETUP_ONLY)"
+  # shellcheck disable=SC2317  # `exit` is reached when the script is run, not sourced
   return 0 2>/dev/null || exit 0
 fi
 
 # 5. Build.
 log "cargo build $PROFILE_FLAG --features $FEATURES $CARGO_TARGETS (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-cargo build $PROFILE_FLAG --features "$FEATURES" $CARGO_TARGETS
+# shellcheck disable=SC2086  # CARGO_TARGETS may hold several flags
+cargo build "$PROFILE_FLAG" --features "$FEATURES" $CARGO_TARGETS
 log "OK: --features $FEATURES builds and links ($(( $(date +%s) - start ))s)"
