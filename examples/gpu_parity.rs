@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
         max_image_pixels: 4096 * 4096,
         max_audio_seconds: 30.0,
     };
-    let cpu = loader::builtin(&Device::Cpu, &limits)?;
+    let cpu = loader::builtin(&Device::Cpu, candle_core::DType::F32, &limits)?;
     let n = args.batches.iter().copied().max().unwrap_or(1);
     let (raw, what) = match av_digits(&args.data, n)? {
         Some(s) if !s.is_empty() => (
@@ -221,7 +221,7 @@ fn run(cpu: &ServedModel, prepared: &[PreparedSample], args: &Args) -> anyhow::R
 fn run(cpu: &ServedModel, prepared: &[PreparedSample], args: &Args) -> anyhow::Result<()> {
     let device = Device::new_cuda(0).map_err(|e| anyhow::anyhow!("cuda:0: {e}"))?;
     let limits = cpu.preprocessor.limits().clone();
-    let gpu = loader::builtin(&device, &limits)?;
+    let gpu = loader::builtin(&device, candle_core::DType::F32, &limits)?;
     let refs: Vec<&PreparedSample> = prepared.iter().collect();
     let want = engine::forward(cpu, &refs)?;
     let got = engine::forward(&gpu, &refs)?;

@@ -8,7 +8,7 @@ use crate::error::ServeError;
 use crate::preprocess::InputLimits;
 use crate::store::ModelStore;
 use crate::training::TrainManager;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 /// Per-request limits checked by the handlers.
 #[derive(Clone, Debug)]
@@ -26,6 +26,8 @@ pub struct Backend {
     /// Where trained versions go and where the served one comes from.
     pub store: Arc<ModelStore>,
     pub device: Device,
+    /// The served model's number format (`--dtype`).
+    pub dtype: DType,
     pub input_limits: InputLimits,
     /// One Train run at a time, and its limits.
     pub training: Arc<TrainManager>,

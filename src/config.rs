@@ -57,6 +57,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FUSION_DEVICE", default_value = "auto")]
     pub device: String,
 
+    /// Number format for inference: f32, or f16/bf16 (half precision, GPU only).
+    /// Training always runs in f32.
+    #[arg(long, env = "FUSION_DTYPE", default_value = "f32")]
+    pub dtype: String,
+
     /// Largest accepted gRPC message, in bytes.
     #[arg(long, env = "FUSION_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::config::InitModelArgs;
 use crate::engine::{ModelMeta, ServedModel};
@@ -26,10 +29,11 @@ pub const BASE_VERSION: &str = "base";
 pub fn load_initial(
     store: &ModelStore,
     device: &Device,
+    dtype: DType,
     limits: &InputLimits,
 ) -> anyhow::Result<ServedModel> {
     if let Some(active) = store.active()? {
-        match load_version(store, &active, device, limits) {
+        match load_version(store, &active, device, dtype, limits) {
             Ok(m) => return Ok(m),
             Err(e) => {
                 metrics::counter!(m::MODEL_LOAD_FAILURES).increment(1);
@@ -40,7 +44,7 @@ pub fn load_initial(
                     if n >= active_n || !activated {
                         continue;
                     }
-                    match load_version(store, &name, device, limits) {
+                    match load_version(store, &name, device, dtype, limits) {
                         Ok(m) => return Ok(m),
                         Err(e) => {
                             metrics::counter!(m::MODEL_LOAD_FAILURES).increment(1);
@@ -54,7 +58,7 @@ pub fn load_initial(
     match store.base_model_dir() {
         Some(dir) => {
             let loaded = weights::load_dir(dir)?;
-            let model = loaded.build_model(device)?;
+            let model = build(&loaded.config, loaded.tensors.clone(), device, dtype)?;
             served(
                 loaded.config,
                 model,
@@ -65,10 +69,11 @@ pub fn load_initial(
                     training: None,
                 },
                 device,
+                dtype,
                 limits,
             )
         }
-        None => builtin(device, limits),
+        None => builtin(device, dtype, limits),
     }
 }
 
@@ -77,11 +82,12 @@ pub fn load_version(
     store: &ModelStore,
     version: &str,
     device: &Device,
+    dtype: DType,
     limits: &InputLimits,
 ) -> anyhow::Result<ServedModel> {
     let dir = store.version_dir(version);
     let loaded = weights::load_dir(&dir)?;
-    let model = loaded.build_model(device)?;
+    let model = build(&loaded.config, loaded.tensors.clone(), device, dtype)?;
     let training = store
         .metadata(version)
         .ok()
@@ -96,15 +102,18 @@ pub fn load_version(
             training,
         },
         device,
+        dtype,
         limits,
     )
 }
 
 /// The default config with deterministic random weights.
-pub fn builtin(device: &Device, limits: &InputLimits) -> anyhow::Result<ServedModel> {
+pub fn builtin(device: &Device, dtype: DType, limits: &InputLimits) -> anyhow::Result<ServedModel> {
     let config = ModelConfig::default();
-    let vars = weights::init_random(&config, BUILTIN_SEED)?;
-    let model = weights::model_from_varmap(&config, &vars, device)?;
+    let tensors = weights::random_tensors(&config, BUILTIN_SEED)?
+        .into_iter()
+        .collect();
+    let model = build(&config, tensors, device, dtype)?;
     served(
         config,
         model,
@@ -115,8 +124,22 @@ pub fn builtin(device: &Device, limits: &InputLimits) -> anyhow::Result<ServedMo
             training: None,
         },
         device,
+        dtype,
         limits,
     )
+}
+
+/// The inference model over `tensors`, converted to `dtype` on `device`.
+fn build(
+    config: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<FusionModel> {
+    Ok(FusionModel::new(
+        config,
+        VarBuilder::from_tensors(tensors, dtype, device),
+    )?)
 }
 
 fn served(
@@ -125,6 +148,7 @@ fn served(
     version: String,
     meta: ModelMeta,
     device: &Device,
+    dtype: DType,
     limits: &InputLimits,
 ) -> anyhow::Result<ServedModel> {
     let preprocessor = Preprocessor::new(&config, limits.clone())
@@ -135,6 +159,7 @@ fn served(
         config,
         version,
         meta,
+        dtype,
         device: device.clone(),
     })
 }

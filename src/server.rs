@@ -132,6 +132,7 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
 async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
     let config = config.clone();
     let device = crate::device::select(&config.device)?;
+    let dtype = crate::device::select_dtype(&config.dtype, &device)?;
     let input_limits = InputLimits {
         max_image_pixels: config.max_image_pixels,
         max_audio_seconds: config.max_audio_seconds,
@@ -142,7 +143,7 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
     });
     let served: ServedModel = {
         let (store, device, limits) = (store.clone(), device.clone(), input_limits.clone());
-        tokio::task::spawn_blocking(move || loader::load_initial(&store, &device, &limits))
+        tokio::task::spawn_blocking(move || loader::load_initial(&store, &device, dtype, &limits))
             .await??
     };
     tracing::info!(
@@ -181,6 +182,7 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
             store: store.clone(),
             slot: slot.clone(),
             device: device.clone(),
+            dtype,
             limits: input_limits.clone(),
         };
         tokio::spawn(watcher.run(Duration::from_secs_f64(config.store_watch_interval_secs)));
@@ -190,6 +192,7 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         batcher,
         store,
         device,
+        dtype,
         input_limits,
         training: Arc::new(TrainManager::new(config.train_max_example_bytes)),
     })

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::engine::{self, ModelSlot, ServedModel};
 use crate::loader;
@@ -17,6 +17,7 @@ pub struct StoreWatcher {
     pub store: Arc<ModelStore>,
     pub slot: ModelSlot,
     pub device: Device,
+    pub dtype: DType,
     pub limits: InputLimits,
 }
 
@@ -53,9 +54,10 @@ impl StoreWatcher {
         if active == self.slot.current().version || Some(active.as_str()) == refused {
             return Ok(None);
         }
-        let model = loader::load_version(&self.store, &active, &self.device, &self.limits)
-            .and_then(|m| warm_up(&m).map(|_| m))
-            .map_err(|e| (active.clone(), e))?;
+        let model =
+            loader::load_version(&self.store, &active, &self.device, self.dtype, &self.limits)
+                .and_then(|m| warm_up(&m).map(|_| m))
+                .map_err(|e| (active.clone(), e))?;
         let old = self.slot.swap(model);
         metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&active));
         tracing::info!(from = %old.version, to = %active, "serving a newly activated version from the store");

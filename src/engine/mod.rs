@@ -155,13 +155,18 @@ pub fn forward(
         return Ok(Vec::new());
     }
     let batch = collate(samples, &model.config, &model.device)?;
+    let (images, audio) = (
+        batch.images.to_dtype(model.dtype)?,
+        batch.audio.to_dtype(model.dtype)?,
+    );
     let out = model
         .model
-        .forward_t(&batch.images, &batch.audio, &batch.lengths, false)?;
-    let image = out.image.to_vec2::<f32>()?;
-    let audio = out.audio.to_vec2::<f32>()?;
-    let fused = out.fused.to_vec2::<f32>()?;
-    let logits = out.logits.to_vec2::<f32>()?;
+        .forward_t(&images, &audio, &batch.lengths, false)?;
+    let rows = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>();
+    let image = rows(&out.image)?;
+    let audio = rows(&out.audio)?;
+    let fused = rows(&out.fused)?;
+    let logits = rows(&out.logits)?;
     Ok(image
         .into_iter()
         .zip(audio)

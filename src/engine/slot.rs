@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::model::{FusionModel, ModelConfig};
 use crate::preprocess::Preprocessor;
@@ -26,6 +26,8 @@ pub struct ServedModel {
     pub version: String,
     pub meta: ModelMeta,
     pub device: Device,
+    /// The number format of the weights and activations (inputs and outputs are f32).
+    pub dtype: DType,
     /// Turns requests into this model's input (its image size, mel settings).
     pub preprocessor: Arc<Preprocessor>,
 }

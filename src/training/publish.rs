@@ -60,8 +60,14 @@ pub fn publish(
         return Ok(finished);
     }
     let served = (|| {
-        let served = loader::load_version(store, &version, &backend.device, &backend.input_limits)
-            .map_err(|e| TrainError::Internal(format!("loading {version} back: {e:#}")))?;
+        let served = loader::load_version(
+            store,
+            &version,
+            &backend.device,
+            backend.dtype,
+            &backend.input_limits,
+        )
+        .map_err(|e| TrainError::Internal(format!("loading {version} back: {e:#}")))?;
         let warm = warmup_sample(&served);
         engine::forward(&served, &[&warm])?;
         store
