@@ -6,6 +6,9 @@
 //! oldest request first, then the waiting requests whose audio length is closest to
 //! it, under the sample and cost budgets. Requests whose deadline passed or whose
 //! client went away are answered or dropped before they cost model time.
+//!
+//! Time is read from tokio's clock (so tests can pause it); outside paused tests it is
+//! the same as `std::time::Instant`.
 
 mod layer;
 mod service;
@@ -13,6 +16,7 @@ mod worker;
 
 pub use layer::BatchLayer;
 pub use service::{BatchService, ResponseFuture};
+pub use worker::BatchRunner;
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +37,7 @@ pub struct BatchPolicy {
     /// How long a small batch may wait for company while the model is idle.
     pub max_delay: Duration,
     /// Budget of one batch: sum over samples of image pixels + padded audio frames.
+    /// A single request over budget still runs, alone.
     pub max_cost: u64,
     /// Most requests waiting; past it new requests are refused.
     pub max_queue: usize,

@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use super::{BatchPolicy, InferRequest};
@@ -14,7 +14,7 @@ use crate::error::ServeError;
 use crate::preprocess::PreparedSample;
 use crate::telemetry::metrics as m;
 
-/// A service that runs one batch of jobs and answers each job itself.
+/// A service that runs one batch of jobs and answers each job itself (the engine).
 pub trait BatchRunner:
     Service<Vec<Job>, Response = BatchStats, Error = ServeError, Future = Self::Fut> + Send + 'static
 {
@@ -46,7 +46,7 @@ impl Queued {
         let frames = request.samples.iter().map(|s| s.frames).max().unwrap_or(0);
         Self {
             samples: request.samples,
-            deadline: request.deadline,
+            deadline: request.deadline.map(Instant::from_std),
             reply,
             enqueued: Instant::now(),
             frames,
@@ -59,6 +59,7 @@ pub(crate) struct Worker<S> {
     policy: BatchPolicy,
     rx: mpsc::UnboundedReceiver<Queued>,
     depth: Arc<AtomicUsize>,
+    /// Admitted requests, oldest first.
     pending: Vec<Queued>,
 }
 
@@ -78,6 +79,7 @@ impl<S: BatchRunner> Worker<S> {
         }
     }
 
+    /// Runs until every [`super::BatchService`] handle is gone and the queue is empty.
     pub(crate) async fn run(mut self) {
         loop {
             if self.pending.is_empty() {
@@ -86,6 +88,7 @@ impl<S: BatchRunner> Worker<S> {
                     None => return,
                 }
             }
+            // Everything that arrived while the model was busy joins the choice.
             while let Ok(q) = self.rx.try_recv() {
                 self.pending.push(q);
             }
@@ -104,8 +107,14 @@ impl<S: BatchRunner> Worker<S> {
                     continue;
                 }
             };
+            // One batch at a time: while it runs, new requests wait in the channel and
+            // form the next, larger batch.
             match inner.call(jobs).await {
-                Ok(stats) => record(&stats),
+                Ok(stats) => {
+                    metrics::histogram!(m::INFERENCE_DURATION)
+                        .record(stats.inference.as_secs_f64());
+                }
+                // The jobs went with the call; their dropped reply channels answer them.
                 Err(e) => tracing::error!(error = %e, "batch failed"),
             }
         }
@@ -113,12 +122,12 @@ impl<S: BatchRunner> Worker<S> {
 
     /// With a delay configured, a small batch waits (only while the model is idle,
     /// which it is whenever we are here) for more requests, up to the oldest's limit.
+    /// Requests that already waited that long (behind a busy model) go at once.
     async fn wait_for_company(&mut self) {
         if self.policy.max_delay.is_zero() {
             return;
         }
-        let until =
-            tokio::time::Instant::from_std(self.pending[0].enqueued + self.policy.max_delay);
+        let until = self.pending[0].enqueued + self.policy.max_delay;
         while self.pending_samples() < self.policy.max_batch_size {
             tokio::select! {
                 q = self.rx.recv() => match q {
@@ -141,9 +150,10 @@ impl<S: BatchRunner> Worker<S> {
         self.pending.retain_mut(|q| {
             if q.deadline.is_some_and(|d| d <= now) {
                 metrics::counter!(m::REQUESTS_DROPPED, "reason" => "deadline").increment(1);
-                // The client may be gone already; that is fine.
-                let (tx, _) = oneshot::channel();
-                let reply = std::mem::replace(&mut q.reply, tx);
+                // The caller's future answers DEADLINE_EXCEEDED itself at the deadline;
+                // this reply only matters if it polls late. It may be gone: fine.
+                let (closed, _) = oneshot::channel();
+                let reply = std::mem::replace(&mut q.reply, closed);
                 let _ = reply.send(Err(ServeError::DeadlineExceeded(
                     "the deadline passed while the request waited in the queue".into(),
                 )));
@@ -159,6 +169,7 @@ impl<S: BatchRunner> Worker<S> {
     }
 
     /// The oldest request, then those with the closest audio length, under budget.
+    /// Requests are never split; they keep their queue order inside the batch.
     fn take_batch(&mut self) -> Vec<Job> {
         let anchor = &self.pending[0];
         let mut order: Vec<usize> = (1..self.pending.len()).collect();
@@ -167,6 +178,9 @@ impl<S: BatchRunner> Worker<S> {
         let mut samples = anchor.samples.len();
         let mut max_frames = anchor.frames;
         for i in order {
+            if samples >= self.policy.max_batch_size {
+                break;
+            }
             let q = &self.pending[i];
             let n = samples + q.samples.len();
             let frames = max_frames.max(q.frames);
@@ -179,11 +193,13 @@ impl<S: BatchRunner> Worker<S> {
             }
         }
         chosen.sort_unstable();
-        let mut jobs = Vec::with_capacity(chosen.len());
         let now = Instant::now();
+        let mut jobs = Vec::with_capacity(chosen.len());
+        let mut real_frames = 0;
         for i in chosen.into_iter().rev() {
             let q = self.pending.remove(i);
             metrics::histogram!(m::QUEUE_DURATION).record((now - q.enqueued).as_secs_f64());
+            real_frames += q.samples.iter().map(|s| s.frames).sum::<usize>();
             jobs.push(Job {
                 samples: q.samples,
                 reply: q.reply,
@@ -191,6 +207,14 @@ impl<S: BatchRunner> Worker<S> {
         }
         jobs.reverse();
         self.leave(jobs.len());
+        metrics::histogram!(m::BATCH_SIZE).record(samples as f64);
+        // The batcher decides the padding, so it measures it: frames the model runs
+        // over for nothing, as a share of all frames in the padded batch.
+        let padded_frames = samples * max_frames;
+        if padded_frames > 0 {
+            let ratio = (padded_frames - real_frames) as f64 / padded_frames as f64;
+            metrics::histogram!(m::BATCH_PADDING_RATIO).record(ratio);
+        }
         jobs
     }
 
@@ -199,14 +223,5 @@ impl<S: BatchRunner> Worker<S> {
             self.depth.fetch_sub(n, Ordering::AcqRel);
             metrics::gauge!(m::QUEUE_DEPTH).decrement(n as f64);
         }
-    }
-}
-
-fn record(stats: &BatchStats) {
-    metrics::histogram!(m::BATCH_SIZE).record(stats.samples as f64);
-    metrics::histogram!(m::INFERENCE_DURATION).record(stats.inference.as_secs_f64());
-    if stats.padded_frames > 0 {
-        let ratio = (stats.padded_frames - stats.real_frames) as f64 / stats.padded_frames as f64;
-        metrics::histogram!(m::BATCH_PADDING_RATIO).record(ratio);
     }
 }

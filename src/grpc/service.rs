@@ -101,17 +101,14 @@ async fn observe<T>(
     samples: usize,
     fut: impl Future<Output = Result<T, ServeError>>,
 ) -> Result<Response<T>, Status> {
-    let started = Instant::now();
-    metrics::gauge!(m::INFLIGHT_REQUESTS).increment(1.0);
+    let mut inflight = InFlight::start(rpc);
     metrics::counter!(m::SAMPLES, "rpc" => rpc).increment(samples as u64);
     let result = fut.await;
-    metrics::gauge!(m::INFLIGHT_REQUESTS).decrement(1.0);
-    let code = match &result {
+    inflight.code = Some(match &result {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
-    };
-    metrics::counter!(m::REQUESTS, "rpc" => rpc, "code" => code_name(code)).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "rpc" => rpc).record(started.elapsed().as_secs_f64());
+    });
+    drop(inflight);
     match result {
         Ok(v) => Ok(Response::new(v)),
         Err(e) => {
@@ -122,6 +119,36 @@ async fn observe<T>(
             }
             Err(e.into())
         }
+    }
+}
+
+/// One request in flight. Its metrics are recorded on drop because tonic drops the
+/// handler's future when the client goes away: such a request still leaves the
+/// in-flight gauge and is counted, as CANCELLED.
+struct InFlight {
+    rpc: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl InFlight {
+    fn start(rpc: &'static str) -> Self {
+        metrics::gauge!(m::INFLIGHT_REQUESTS).increment(1.0);
+        Self {
+            rpc,
+            started: Instant::now(),
+            code: None,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled));
+        metrics::gauge!(m::INFLIGHT_REQUESTS).decrement(1.0);
+        metrics::counter!(m::REQUESTS, "rpc" => self.rpc, "code" => code).increment(1);
+        metrics::histogram!(m::REQUEST_DURATION, "rpc" => self.rpc)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 

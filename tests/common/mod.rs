@@ -178,3 +178,21 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// Writes a model directory `parent/name` (the default config, weights drawn from
+/// `seed`), so that several servers serve identical weights.
+pub fn write_model_dir(parent: &Path, name: &str, seed: u64) -> PathBuf {
+    let dir = parent.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = fusion_serve::model::ModelConfig::default();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    fusion_serve::weights::init_random(&config, seed)
+        .unwrap()
+        .save(dir.join("model.safetensors"))
+        .unwrap();
+    dir
+}
