@@ -44,6 +44,7 @@ pub async fn serve(
     let app = App::new(limits);
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, ServingStatus::NotServing).await;
+    metrics::gauge!(m::READY).set(0.0);
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
