@@ -12,7 +12,10 @@
 //! forward pass, copy back: what a Predict batch does) on both devices, prints the
 //! largest absolute and relative differences over every output (image, audio, fused,
 //! logits) and fails when `|gpu - cpu| > tol * max(1, |cpu|)` anywhere. Then it
-//! prints samples/s at each batch size on each device.
+//! prints samples/s at each batch size on each device, and the accuracy change of
+//! `--dtype f16` and `bf16` against f32 (largest logit difference, and how often the
+//! predicted class agrees with f32's; accuracy against the labels means nothing for
+//! the untrained built-in model, so agreement is what is measured).
 //!
 //! Without the `cuda` feature it says so, prints the CPU throughput, and exits 2.
 
@@ -20,7 +23,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use fusion_serve::engine::{self, ServedModel};
 use fusion_serve::loader;
 use fusion_serve::preprocess::{AudioInput, ImageInput, InputLimits, PreparedSample, RawSample};
@@ -188,7 +191,7 @@ fn main() -> anyhow::Result<()> {
         max_image_pixels: 4096 * 4096,
         max_audio_seconds: 30.0,
     };
-    let cpu = loader::builtin(&Device::Cpu, candle_core::DType::F32, &limits)?;
+    let cpu = loader::builtin(&Device::Cpu, DType::F32, &limits)?;
     let n = args.batches.iter().copied().max().unwrap_or(1);
     let (raw, what) = match av_digits(&args.data, n)? {
         Some(s) if !s.is_empty() => (
@@ -221,7 +224,7 @@ fn run(cpu: &ServedModel, prepared: &[PreparedSample], args: &Args) -> anyhow::R
 fn run(cpu: &ServedModel, prepared: &[PreparedSample], args: &Args) -> anyhow::Result<()> {
     let device = Device::new_cuda(0).map_err(|e| anyhow::anyhow!("cuda:0: {e}"))?;
     let limits = cpu.preprocessor.limits().clone();
-    let gpu = loader::builtin(&device, candle_core::DType::F32, &limits)?;
+    let gpu = loader::builtin(&device, DType::F32, &limits)?;
     let refs: Vec<&PreparedSample> = prepared.iter().collect();
     let want = engine::forward(cpu, &refs)?;
     let got = engine::forward(&gpu, &refs)?;
@@ -259,6 +262,30 @@ fn run(cpu: &ServedModel, prepared: &[PreparedSample], args: &Args) -> anyhow::R
     );
     print_throughput("cpu", cpu, prepared, args)?;
     print_throughput("cuda", &gpu, prepared, args)?;
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    for dtype in [DType::F16, DType::BF16] {
+        let half = loader::builtin(&device, dtype, &limits)?;
+        let out = engine::forward(&half, &refs)?;
+        let mut max_logit = 0f32;
+        let mut agree = 0;
+        for (c, h) in want.iter().zip(&out) {
+            for (x, y) in c.logits.iter().zip(&h.logits) {
+                max_logit = max_logit.max((x - y).abs());
+            }
+            agree += usize::from(argmax(&c.logits) == argmax(&h.logits));
+        }
+        println!(
+            "{}: max abs logit diff vs f32 {max_logit:.3e}, same predicted class {agree}/{}",
+            dtype.as_str(),
+            want.len()
+        );
+        print_throughput(dtype.as_str(), &half, prepared, args)?;
+    }
     if worst > args.tol {
         eprintln!(
             "FAIL: GPU and CPU differ by {worst:.3e} > {} (|gpu - cpu| / max(1, |cpu|))",
