@@ -55,6 +55,15 @@ impl ServeError {
     }
 }
 
+/// The message a caught panic carried, for an error that says what happened.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 impl From<candle_core::Error> for ServeError {
     fn from(e: candle_core::Error) -> Self {
         ServeError::Internal(format!("model error: {e}"))

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{pairs, sample, serve_config, write_model_dir, Pair, TestServer};
+use common::{max_abs_diff, pairs, sample, serve_config, write_model_dir, Pair, TestServer};
 use fusion_serve::proto;
 use fusion_serve::telemetry::metrics as m;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -68,14 +68,6 @@ async fn all_at_once(server: &TestServer, chosen: &[Pair]) -> Vec<(Vec<f32>, Vec
         }
     });
     futures::future::join_all(calls).await
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[tokio::test]

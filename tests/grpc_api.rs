@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{pairs, sample, serve_config, TestServer};
+use common::{max_abs_diff, pairs, sample, serve_config, TestServer};
 use fusion_serve::proto;
 use tonic::Code;
 
@@ -19,14 +19,6 @@ fn image_tensor(shape: &[u32], values: Vec<f32>) -> Option<proto::Image> {
     Some(proto::Image {
         data: Some(proto::image::Data::Tensor(tensor(shape, values))),
     })
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[tokio::test]

@@ -103,13 +103,9 @@ fn run_batch(slot: &ModelSlot, jobs: Vec<Job>) -> BatchStats {
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(&model, &samples)))
             .unwrap_or_else(|p| {
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
                 Err(ServeError::Internal(format!(
-                    "forward pass panicked: {what}"
+                    "forward pass panicked: {}",
+                    crate::error::panic_message(p.as_ref())
                 )))
             });
     let inference = started.elapsed();

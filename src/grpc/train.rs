@@ -163,13 +163,9 @@ impl Run {
                     )
                 }))
                 .unwrap_or_else(|p| {
-                    let what = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
                     Err(TrainError::Internal(format!(
-                        "the training thread panicked: {what}"
+                        "the training thread panicked: {}",
+                        crate::error::panic_message(p.as_ref())
                     )))
                 });
                 // Free the slot and the store before the last event, so a client that

@@ -196,3 +196,12 @@ pub fn write_model_dir(parent: &Path, name: &str, seed: u64) -> PathBuf {
         .unwrap();
     dir
 }
+
+/// Largest elementwise difference of two equally long vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
