@@ -70,6 +70,8 @@ impl ModelStore {
     pub fn open(root: impl AsRef<Path>) -> anyhow::Result<Self> {
         let root = root.as_ref().to_path_buf();
         if !root.is_dir() {
+            // A typo in --model-dir would otherwise serve random weights silently.
+            tracing::warn!(path = %root.display(), "the model directory does not exist: creating a new, empty model store (serving the built-in model until a version is trained)");
             fs::create_dir_all(&root)
                 .with_context(|| format!("creating the model store at {}", root.display()))?;
         }
