@@ -1,7 +1,6 @@
 //! Which model to serve, and loading it: a version from the model store, the store's
 //! base model (a plain model directory), or the built-in default.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use std::collections::HashMap;
@@ -192,13 +191,4 @@ pub fn init_model(args: &InitModelArgs) -> anyhow::Result<()> {
 /// The numeric part of a version name for the `fusion_model_version` gauge.
 pub fn version_gauge(version: &str) -> f64 {
     crate::store::version_number(version).unwrap_or(0) as f64
-}
-
-/// Whether a path looks like a model store or model directory we can serve.
-pub fn describe_dir(dir: &Path) -> &'static str {
-    if dir.join(weights::CONFIG_FILE).is_file() {
-        "model directory"
-    } else {
-        "model store"
-    }
 }

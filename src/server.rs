@@ -177,7 +177,6 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         image_pixels: pixels,
     })
     .layer(engine);
-    metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&slot.current().version));
     if config.store_watch_interval_secs > 0.0 {
         let watcher = crate::watcher::StoreWatcher {
             store: store.clone(),

@@ -59,7 +59,6 @@ impl StoreWatcher {
                 .and_then(|m| warm_up(&m).map(|_| m))
                 .map_err(|e| (active.clone(), e))?;
         let old = self.slot.swap(model);
-        metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&active));
         tracing::info!(from = %old.version, to = %active, "serving a newly activated version from the store");
         Ok(Some(active))
     }

@@ -49,8 +49,6 @@ pub struct Job {
 #[derive(Clone, Debug, Default)]
 pub struct BatchStats {
     pub samples: usize,
-    pub padded_frames: usize,
-    pub real_frames: usize,
     pub inference: Duration,
 }
 
@@ -109,14 +107,10 @@ fn run_batch(slot: &ModelSlot, jobs: Vec<Job>) -> BatchStats {
                 )))
             });
     let inference = started.elapsed();
-    let mut stats = BatchStats {
+    let stats = BatchStats {
         samples: samples.len(),
         inference,
-        ..Default::default()
     };
-    let max_frames = samples.iter().map(|s| s.frames).max().unwrap_or(0);
-    stats.padded_frames = max_frames * samples.len();
-    stats.real_frames = samples.iter().map(|s| s.frames).sum();
     match result {
         Ok(outputs) => {
             let mut outputs = outputs.into_iter();

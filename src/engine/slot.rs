@@ -38,13 +38,21 @@ pub struct ServedModel {
 pub struct ModelSlot(Arc<ArcSwap<ServedModel>>);
 
 impl ModelSlot {
+    /// Every model that becomes current is published in `fusion_model_version`.
     pub fn new(model: ServedModel) -> Self {
+        publish_version(&model.version);
         Self(Arc::new(ArcSwap::from_pointee(model)))
     }
     pub fn current(&self) -> Arc<ServedModel> {
         self.0.load_full()
     }
     pub fn swap(&self, model: ServedModel) -> Arc<ServedModel> {
+        publish_version(&model.version);
         self.0.swap(Arc::new(model))
     }
+}
+
+fn publish_version(version: &str) {
+    metrics::gauge!(crate::telemetry::metrics::MODEL_VERSION)
+        .set(crate::loader::version_gauge(version));
 }

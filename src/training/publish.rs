@@ -11,7 +11,6 @@ use crate::loader;
 use crate::model::ModelConfig;
 use crate::preprocess::PreparedSample;
 use crate::store::{TrainLock, VersionMetadata};
-use crate::telemetry::metrics as m;
 
 use super::settings::TrainSettings;
 use super::trainer::TrainOutcome;
@@ -78,7 +77,6 @@ pub fn publish(
     match served {
         Ok(served) => {
             backend.slot.swap(served);
-            metrics::gauge!(m::MODEL_VERSION).set(loader::version_gauge(&version));
             tracing::info!(%version, path = %path.display(), "trained version activated and served");
             Ok(finished)
         }
