@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Undecodable request bodies answer INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::grpc::codec::StrictCodec")
         .file_descriptor_set_path(out.join("fusion_descriptor.bin"))
         .compile_protos(&["proto/fusion/v1/fusion.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: builds with `--features cuda`, runs the tests that
 # use the GPU (the library's tests, where `--device auto` takes the GPU, and the gRPC
-# API tests with their in-process servers forced onto it with FUSION_DEVICE=cuda),
+# API and Train tests with their in-process servers forced onto it with FUSION_DEVICE=cuda),
 # then examples/gpu_parity.rs: GPU vs CPU outputs of the built-in model on the same
 # inputs (fails over 1e-4 in f32) and Predict-path throughput at batch 1, 8, 32, 64.
 # A few minutes once built (a cold build is ~15 min on 2 cores, less on more).
@@ -49,6 +49,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   log "tests on the GPU: library tests, then gRPC API tests with FUSION_DEVICE=cuda"
   cargo test --release --features cuda --lib
   FUSION_DEVICE=cuda cargo test --release --features cuda --test grpc_api
+  # Train runs on the serving device: the Train tests, with the servers on the GPU.
+  FUSION_DEVICE=cuda cargo test --release --features cuda --test train
 fi
 
 log "parity and throughput: examples/gpu_parity.rs"

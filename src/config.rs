@@ -63,24 +63,24 @@ pub struct ServeConfig {
     pub dtype: String,
 
     /// Largest accepted gRPC message, in bytes.
-    #[arg(long, env = "FUSION_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "FUSION_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = at_least_one)]
     pub max_message_bytes: usize,
 
     /// Most samples in one Fuse or Predict request.
-    #[arg(long, env = "FUSION_MAX_SAMPLES_PER_REQUEST", default_value_t = 64)]
+    #[arg(long, env = "FUSION_MAX_SAMPLES_PER_REQUEST", default_value_t = 64, value_parser = at_least_one)]
     pub max_samples_per_request: usize,
 
     /// Largest image accepted, in pixels (width x height), checked before decoding.
-    #[arg(long, env = "FUSION_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "FUSION_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_image_pixels: u64,
 
     /// Longest audio clip accepted, in seconds.
-    #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0)]
+    #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0, value_parser = positive_seconds)]
     pub max_audio_seconds: f32,
 
     /// How often to check the model store for a newly activated version (trained by
     /// another replica sharing the store), in seconds. 0 disables watching.
-    #[arg(long, env = "FUSION_STORE_WATCH_INTERVAL_SECS", default_value_t = 10.0)]
+    #[arg(long, env = "FUSION_STORE_WATCH_INTERVAL_SECS", default_value_t = 10.0, value_parser = seconds)]
     pub store_watch_interval_secs: f64,
 
     #[command(flatten)]
@@ -88,12 +88,12 @@ pub struct ServeConfig {
 
     /// Most bytes of preprocessed examples one Train run holds in memory (images and
     /// log-mel features as f32); past it the run fails with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "FUSION_TRAIN_MAX_EXAMPLE_BYTES", default_value_t = 2 << 30)]
+    #[arg(long, env = "FUSION_TRAIN_MAX_EXAMPLE_BYTES", default_value_t = 2 << 30, value_parser = at_least_one)]
     pub train_max_example_bytes: usize,
 
     /// After SIGTERM, keep serving this long while reporting NOT_SERVING, so load
     /// balancers stop sending traffic before the listener closes.
-    #[arg(long, env = "FUSION_DRAIN_DELAY_SECS", default_value_t = 0.0)]
+    #[arg(long, env = "FUSION_DRAIN_DELAY_SECS", default_value_t = 0.0, value_parser = seconds)]
     pub drain_delay_secs: f64,
 
     /// Log format.
@@ -104,7 +104,7 @@ pub struct ServeConfig {
 #[derive(Debug, Clone, Args)]
 pub struct BatchConfig {
     /// Most samples in one forward pass (1 turns batching off).
-    #[arg(long, env = "FUSION_MAX_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "FUSION_MAX_BATCH_SIZE", default_value_t = 32, value_parser = at_least_one)]
     pub max_batch_size: usize,
 
     /// Longest a request waits for others to join its batch while the model is idle,
@@ -113,11 +113,11 @@ pub struct BatchConfig {
     pub max_batch_delay_us: u64,
 
     /// Cost budget of one batch: image pixels plus audio frames of the padded batch.
-    #[arg(long, env = "FUSION_MAX_BATCH_COST", default_value_t = 200_000)]
+    #[arg(long, env = "FUSION_MAX_BATCH_COST", default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_batch_cost: u64,
 
     /// Most requests waiting for the model; past it requests fail with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "FUSION_MAX_QUEUE", default_value_t = 256)]
+    #[arg(long, env = "FUSION_MAX_QUEUE", default_value_t = 256, value_parser = at_least_one)]
     pub max_queue: usize,
 }
 
@@ -125,4 +125,72 @@ pub struct BatchConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+// Limits of zero would make the service refuse everything (or, silently clamped, mean
+// something other than what the operator wrote): refuse them at startup instead.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration in seconds: finite and not negative.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number of seconds, 0 or more".into())
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number of seconds, more than 0".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["fusion-serve", "serve"].iter().chain(args))
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let Command::Serve(c) = parse(&[]).unwrap().command else {
+            panic!("serve")
+        };
+        assert_eq!(c.batch.max_batch_size, 32);
+        assert_eq!(c.drain_delay_secs, 0.0);
+    }
+
+    #[test]
+    fn nonsense_limits_are_refused_with_the_flag_named() {
+        for (flag, value) in [
+            ("--max-batch-size", "0"),
+            ("--max-queue", "0"),
+            ("--max-batch-cost", "0"),
+            ("--max-samples-per-request", "0"),
+            ("--max-audio-seconds", "0"),
+            ("--max-audio-seconds", "NaN"),
+            ("--drain-delay-secs", "-1"),
+            ("--store-watch-interval-secs", "inf"),
+        ] {
+            // `--flag=value`: a bare `-1` would be read as an unknown flag.
+            let err = parse(&[&format!("{flag}={value}")])
+                .expect_err("must be refused")
+                .to_string();
+            assert!(err.contains(flag), "{flag}={value}: {err}");
+            assert!(err.contains("invalid value"), "{flag}={value}: {err}");
+        }
+    }
 }

@@ -332,6 +332,15 @@ async fn bad_input_gets_invalid_argument_naming_the_field() {
         &mut client,
         vec![with_audio(proto::audio::Data::Pcm(proto::Pcm {
             sample_rate: 8000,
+            samples: vec![0.1, 1200.0, 0.2],
+        }))],
+        &["samples[0].audio.pcm.samples", "index 1", "outside [-1, 1]"],
+    )
+    .await;
+    expect_invalid(
+        &mut client,
+        vec![with_audio(proto::audio::Data::Pcm(proto::Pcm {
+            sample_rate: 8000,
             samples: vec![],
         }))],
         &["samples[0].audio.pcm"],
@@ -392,5 +401,85 @@ async fn other_input_forms_are_accepted() {
         .unwrap()
         .into_inner();
     assert_eq!(r.predictions.len(), 2);
+    server.stop().await.unwrap();
+}
+
+/// Sends bytes as they are: the body a broken or mismatched client would send.
+#[derive(Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn undecodable_request_body_is_invalid_argument() {
+    let server = TestServer::start(serve_config(&[])).await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    // Field 1 (samples) declared length-delimited with a length far past the end.
+    let garbage = vec![0x0a, 0xff, 0xff, 0x03, 0x01];
+    let path = http::uri::PathAndQuery::from_static("/fusion.v1.FusionService/Predict");
+    let status = grpc
+        .unary(tonic::Request::new(garbage), path, RawCodec)
+        .await
+        .expect_err("garbage must be refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("not a valid PredictRequest"),
+        "{status:?}"
+    );
+    // The server is still fine.
+    let mut client = server.client().await;
+    client
+        .predict(proto::PredictRequest {
+            samples: vec![sample(&pairs()[0])],
+            top_k: 1,
+        })
+        .await
+        .unwrap();
     server.stop().await.unwrap();
 }

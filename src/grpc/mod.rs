@@ -1,5 +1,6 @@
 //! The gRPC surface: handlers, message conversion, deadlines.
 
+pub(crate) mod codec;
 pub mod convert;
 pub mod deadline;
 mod info;

@@ -284,6 +284,18 @@ impl Preprocessor {
                 ),
             ));
         }
+        // Integer PCM sent unscaled (16-bit values as floats) would be heard as
+        // clipping noise and predicted with confidence: say so instead.
+        if let Some(i) = samples.iter().position(|v| v.abs() > 1.0) {
+            return Err(InputError::new(
+                samples_field,
+                format!(
+                    "sample at index {i} is {}, outside [-1, 1]; scale integer PCM to \
+                     floats first (for 16-bit, divide by 32768)",
+                    samples[i]
+                ),
+            ));
+        }
         self.to_model_rate(&samples_field, samples, sample_rate)
     }
 

@@ -18,6 +18,7 @@ pub mod trainer;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use candle_core::Device;
 use tonic::{Code, Status};
 
 use crate::app::Backend;
@@ -197,7 +198,7 @@ pub fn run_blocking(
 ) -> Result<Finished, TrainError> {
     let (train, validation) = dataset::split(examples, settings.validation_fraction, settings.seed);
     let config = base.config.clone();
-    let varmap = starting_weights(&base)?;
+    let varmap = on_device(starting_weights(&base)?, &backend.device)?;
     let run_id = format!("run-{}-{}", publish::unix_seconds(), std::process::id());
     let total_steps = trainer::steps_per_epoch(train.len(), &settings) * settings.epochs;
     let (n_train, n_val) = (train.len(), validation.len());
@@ -217,6 +218,7 @@ pub fn run_blocking(
         validation,
         cancel,
         threads,
+        device: backend.device.clone(),
     };
     let outcome = trainer::run(job, &mut |e| emit(RunEvent::Loop(e)))?;
     publish::publish(
@@ -228,6 +230,25 @@ pub fn run_blocking(
         outcome,
         (n_train, n_val),
     )
+}
+
+/// `varmap` with every variable moved to `device` (training runs where serving does).
+fn on_device(varmap: candle_nn::VarMap, device: &Device) -> Result<candle_nn::VarMap, TrainError> {
+    if device.is_cpu() {
+        return Ok(varmap);
+    }
+    let moved = candle_nn::VarMap::new();
+    {
+        let from = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut to = moved.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, var) in from.iter() {
+            to.insert(
+                name.clone(),
+                candle_core::Var::from_tensor(&var.as_tensor().to_device(device)?)?,
+            );
+        }
+    }
+    Ok(moved)
 }
 
 /// A fresh `VarMap` with the served version's weights, read again from disk (or the

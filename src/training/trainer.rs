@@ -58,6 +58,9 @@ pub struct TrainJob {
     pub validation: Vec<Example>,
     /// Set to stop the run at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// Where the forward and backward passes run: the serving device. The variables
+    /// in `varmap` must already live there.
+    pub device: Device,
     /// Threads of the run's own rayon pool.
     pub threads: usize,
 }
@@ -104,7 +107,7 @@ fn train(
     let started = Instant::now();
     let s = &job.settings;
     let cfg = &job.config;
-    let device = Device::Cpu;
+    let device = job.device.clone();
     if job.train.len() < 2 {
         return Err(TrainError::InvalidArgument(format!(
             "examples: {} training examples after the validation split; at least 2 are needed",
@@ -201,7 +204,7 @@ fn train(
         if job.validation.is_empty() {
             continue;
         }
-        let v = evaluate(&model, cfg, s.loss, &job.validation, epoch)?;
+        let v = evaluate(&model, cfg, s.loss, &job.validation, epoch, &device)?;
         if !v.loss.is_finite() {
             return Err(TrainError::Diverged(format!(
                 "the validation loss became {} after epoch {epoch} (learning_rate {}); nothing was stored or served",
@@ -303,6 +306,7 @@ pub fn evaluate(
     kind: LossKind,
     examples: &[Example],
     epoch: usize,
+    device: &Device,
 ) -> Result<Validation, TrainError> {
     let k = cfg.labels.len();
     let one_hot = kind == LossKind::Bce;
@@ -310,7 +314,7 @@ pub fn evaluate(
     let mut per_class = vec![(0u32, 0u32); k];
     for chunk in examples.chunks(64) {
         let refs: Vec<&Example> = chunk.iter().collect();
-        let batch = dataset::collate(&refs, cfg, one_hot, None, &Device::Cpu)?;
+        let batch = dataset::collate(&refs, cfg, one_hot, None, device)?;
         let logits = model
             .forward_t(&batch.images, &batch.audio, &batch.lengths, false)?
             .logits;
@@ -372,7 +376,14 @@ fn snapshot(varmap: &VarMap) -> Result<HashMap<String, Tensor>, TrainError> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     let mut out = HashMap::with_capacity(data.len());
     for (name, var) in data.iter() {
-        out.insert(name.clone(), var.as_tensor().copy()?);
+        // Kept in host memory: a copy, since the optimiser updates the variable in place.
+        let t = var.as_tensor();
+        let kept = if t.device().is_cpu() {
+            t.copy()?
+        } else {
+            t.to_device(&Device::Cpu)?
+        };
+        out.insert(name.clone(), kept);
     }
     Ok(out)
 }
