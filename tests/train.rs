@@ -354,9 +354,11 @@ async fn an_interrupted_write_leaves_the_previous_version_served_and_is_cleaned(
     assert!(f.activated);
     server.stop().await.unwrap();
 
-    // A process killed while writing v2 leaves a temporary directory with half a file.
+    // A process killed while writing v2 leaves its staging directory with half a file.
     let v1 = dir.path().join("versions/v1");
-    let leftover = dir.path().join("versions/.tmp-v2-4242");
+    let leftover = fusion_serve::store::ModelStore::open(dir.path())
+        .unwrap()
+        .staging_dir("v2", 4242);
     std::fs::create_dir_all(&leftover).unwrap();
     let weights = std::fs::read(v1.join("model.safetensors")).unwrap();
     std::fs::write(

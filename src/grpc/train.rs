@@ -58,10 +58,10 @@ async fn start(
     let mut stream = request.into_inner();
     let config = match stream.message().await {
         Err(status) => {
-            return Err(TrainError::Cancelled(format!(
-                "reading the first message failed: {}",
-                status.message()
-            )))
+            return Err(TrainError::from_stream(
+                &status,
+                "reading the first message failed",
+            ))
         }
         Ok(None) => {
             return Err(TrainError::InvalidArgument(
@@ -115,7 +115,15 @@ struct Run {
 
 impl Run {
     async fn drive(self, stream: Streaming<proto::TrainRequest>) {
-        let examples = match read_examples(&self.backend, &self.base, stream, &self.tx).await {
+        let examples = match read_examples(
+            &self.backend,
+            &self.base,
+            stream,
+            &self.tx,
+            self.draining.clone(),
+        )
+        .await
+        {
             Ok(e) => e,
             Err(e) => {
                 record_outcome(e.outcome());
@@ -153,6 +161,7 @@ impl Run {
             draining: _,
         } = self;
         let threads = backend.training.threads;
+        let report = tx.clone();
         let spawned = std::thread::Builder::new()
             .name("fusion-train".into())
             .spawn(move || {
@@ -190,9 +199,7 @@ impl Run {
                     Err(e) => {
                         let e = match e {
                             TrainError::Cancelled(_) if shutting_down.load(Ordering::Relaxed) => {
-                                TrainError::Serve(crate::error::ServeError::Unavailable(
-                                    "the server is shutting down: the run was stopped and nothing was stored; retry on another replica".into(),
-                                ))
+                                self::shutting_down()
                             }
                             e => e,
                         };
@@ -206,11 +213,25 @@ impl Run {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            record_outcome("failed");
-            tracing::error!(error = %e, "cannot start the training thread");
+        match spawned {
+            Ok(_) => drop(report),
+            Err(e) => {
+                record_outcome("failed");
+                tracing::error!(error = %e, "cannot start the training thread");
+                let _ = report
+                    .send(Err(Status::internal(format!(
+                        "cannot start the training thread: {e}; nothing was trained"
+                    ))))
+                    .await;
+            }
         }
     }
+}
+
+fn shutting_down() -> TrainError {
+    TrainError::Serve(crate::error::ServeError::Unavailable(
+        "the server is shutting down: the run was stopped and nothing was stored; retry on another replica".into(),
+    ))
 }
 
 /// Sends one event; false once the client has gone. Progress events are dropped
@@ -281,6 +302,7 @@ async fn read_examples(
     base: &Arc<ServedModel>,
     mut stream: Streaming<proto::TrainRequest>,
     tx: &EventTx,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<Example>, TrainError> {
     let limit = backend.training.max_example_bytes;
     let mut held = 0usize;
@@ -293,14 +315,19 @@ async fn read_examples(
                 "the client cancelled the run while sending examples".into(),
             ));
         }
-        let message = match stream.message().await {
+        // A shutdown must not wait for a client that streams slowly (or never ends).
+        let next = tokio::select! {
+            m = stream.message() => m,
+            _ = draining.wait_for(|d| *d) => return Err(shutting_down()),
+        };
+        let message = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(status) => {
-                return Err(TrainError::Cancelled(format!(
-                    "the request stream failed after {index} examples: {}",
-                    status.message()
-                )))
+                return Err(TrainError::from_stream(
+                    &status,
+                    &format!("examples[{index}]: the request stream failed"),
+                ))
             }
         };
         let example = match message.item {

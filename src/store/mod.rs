@@ -162,6 +162,14 @@ impl ModelStore {
         serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// Where process `pid` writes `version` before renaming it into place. Anything
+    /// under such a name is an unfinished write.
+    pub fn staging_dir(&self, version: &str, pid: u32) -> PathBuf {
+        self.root
+            .join(VERSIONS_DIR)
+            .join(format!("{TMP_PREFIX}{version}-{pid}"))
+    }
+
     /// Writes a new version atomically and returns its name and directory. Only the
     /// holder of the [`TrainLock`] may call this (the lock makes numbering safe).
     pub fn write_version(
@@ -177,9 +185,11 @@ impl ModelStore {
         let versions = self.root.join(VERSIONS_DIR);
         fs::create_dir_all(&versions)
             .with_context(|| format!("creating {}", versions.display()))?;
-        let tmp = versions.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+        let tmp = self.staging_dir(&name, std::process::id());
         let result = (|| {
-            weights::save_dir(&tmp, config, tensors)?;
+            // Staged under our own `.tmp-` name, so a kill at any point leaves only a
+            // name that `remove_leftovers` knows.
+            weights::write_new_dir(&tmp, config, tensors)?;
             write_synced(
                 &tmp.join(METADATA_FILE),
                 &serde_json::to_vec_pretty(&metadata)?,
@@ -210,16 +220,21 @@ impl ModelStore {
         let tmp = self
             .root
             .join(format!("{TMP_PREFIX}{ACTIVE_FILE}-{}", std::process::id()));
-        let result = (|| {
-            write_synced(&tmp, format!("{version}\n").as_bytes())?;
-            let dest = self.root.join(ACTIVE_FILE);
-            fs::rename(&tmp, &dest).with_context(|| format!("replacing {}", dest.display()))?;
-            sync_dir(&self.root)
-        })();
+        let dest = self.root.join(ACTIVE_FILE);
+        let result = write_synced(&tmp, format!("{version}\n").as_bytes()).and_then(|()| {
+            fs::rename(&tmp, &dest).with_context(|| format!("replacing {}", dest.display()))
+        });
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
+            return result;
         }
-        result
+        // Once renamed, `ACTIVE` names the version whatever happens next: the caller
+        // must treat it as activated (and not remove it), so a failed directory sync
+        // is only a warning about durability.
+        if let Err(e) = sync_dir(&self.root) {
+            tracing::warn!(error = %format!("{e:#}"), "ACTIVE was replaced but the store directory could not be synced");
+        }
+        Ok(())
     }
 
     /// Takes the training lock without waiting; `None` if another process (or run)

@@ -49,6 +49,9 @@ pub enum TrainError {
     Diverged(String),
     #[error("{0}")]
     Cancelled(String),
+    /// A message the client sent could not be read: malformed or over the size limit.
+    #[error("{message}")]
+    BadMessage { code: Code, message: String },
     #[error("{0}")]
     Serve(#[from] ServeError),
     #[error("internal error: {0}")]
@@ -63,8 +66,23 @@ impl TrainError {
             TrainError::ResourceExhausted(_) => Code::ResourceExhausted,
             TrainError::Diverged(_) => Code::Aborted,
             TrainError::Cancelled(_) => Code::Cancelled,
+            TrainError::BadMessage { code, .. } => *code,
             TrainError::Serve(e) => e.code(),
             TrainError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The request stream failed at `what`: a message the client got wrong keeps its
+    /// status (INVALID_ARGUMENT for bytes that are not protobuf, OUT_OF_RANGE or
+    /// RESOURCE_EXHAUSTED for one over the size limit); anything else is the
+    /// connection going away, which cancels the run.
+    pub fn from_stream(status: &Status, what: &str) -> Self {
+        let message = format!("{what}: {}", status.message());
+        match status.code() {
+            code @ (Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted) => {
+                TrainError::BadMessage { code, message }
+            }
+            _ => TrainError::Cancelled(message),
         }
     }
 
@@ -72,9 +90,10 @@ impl TrainError {
     pub fn outcome(&self) -> &'static str {
         match self.code() {
             Code::Cancelled => "cancelled",
-            Code::InvalidArgument | Code::FailedPrecondition | Code::ResourceExhausted => {
-                "rejected"
-            }
+            Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::OutOfRange => "rejected",
             _ => "failed",
         }
     }

@@ -9,7 +9,6 @@ use crate::app::Backend;
 use crate::engine::{self, ServedModel};
 use crate::loader;
 use crate::model::ModelConfig;
-use crate::preprocess::PreparedSample;
 use crate::store::{TrainLock, VersionMetadata};
 
 use super::settings::TrainSettings;
@@ -67,7 +66,7 @@ pub fn publish(
             &backend.input_limits,
         )
         .map_err(|e| TrainError::Internal(format!("loading {version} back: {e:#}")))?;
-        let warm = warmup_sample(&served);
+        let warm = crate::watcher::warmup_sample(&served);
         engine::forward(&served, &[&warm])?;
         store
             .activate(lock, &version)
@@ -89,17 +88,6 @@ pub fn publish(
     }
 }
 
-/// A blank image and one second of silence-level features.
-fn warmup_sample(model: &ServedModel) -> PreparedSample {
-    let c = &model.config;
-    let frames = (c.audio.sample_rate as usize / c.audio.hop_length).max(1);
-    PreparedSample {
-        image: vec![0.0; c.image.channels * c.image.height * c.image.width],
-        audio: vec![c.audio.log_eps.ln(); frames * c.audio.n_mels],
-        frames,
-    }
-}
-
 pub fn unix_seconds() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -108,36 +96,5 @@ pub fn unix_seconds() -> u64 {
 
 /// The current UTC time as RFC 3339, e.g. `2026-12-03T18:40:00Z`.
 pub fn rfc3339_now() -> String {
-    rfc3339(unix_seconds())
-}
-
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::rfc3339(1_796_300_000), "2026-12-03T12:13:20Z");
-    }
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }

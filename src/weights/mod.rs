@@ -379,54 +379,22 @@ fn sync_dir(path: &Path) -> Result<()> {
     }
 }
 
-/// Writes a model directory atomically: `config.json` and `model.safetensors` (every
-/// tensor of [`tensor_specs`] as `f32`, plus an `i64` scalar `num_batches_tracked` per
-/// batch norm, taken from `src` when it has one, else 0) go into a temporary sibling
-/// directory, are fsynced with it, and the directory is renamed to `dir`.
+/// Writes a model directory atomically: `config.json` and `model.safetensors` (see
+/// [`write_new_dir`]) go into a temporary sibling directory, are fsynced with it, and
+/// the directory is renamed to `dir`.
 ///
 /// If `dir` already exists it is first renamed aside and removed after the new one is
 /// in place, so readers see either the old or the new directory complete, except for
 /// the instant between the two renames when `dir` does not exist.
 pub fn save_dir(dir: impl AsRef<Path>, cfg: &ModelConfig, src: &impl TensorSource) -> Result<()> {
     let dir = dir.as_ref();
-    cfg.validate().map_err(WeightsError::InvalidConfig)?;
-    let specs = tensor_specs(cfg);
-    let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(specs.len() * 5 / 4);
-    for spec in &specs {
-        let t = src
-            .tensor(&spec.name)
-            .ok_or_else(|| WeightsError::MissingTensor {
-                name: spec.name.clone(),
-                others: 0,
-            })?;
-        check_shape(&spec.name, &spec.shape, &t)?;
-        let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        tensors.insert(spec.name.clone(), t);
-    }
-    for prefix in batch_norm_prefixes(&specs) {
-        let name = format!("{prefix}.{NUM_BATCHES_TRACKED}");
-        let count = match src.tensor(&name) {
-            Some(t) if t.dtype() == DType::I64 && t.elem_count() == 1 => {
-                t.to_device(&Device::Cpu)?.reshape(())?
-            }
-            _ => Tensor::new(0i64, &Device::Cpu)?,
-        };
-        tensors.insert(name, count);
-    }
-    let config_json =
-        serde_json::to_vec_pretty(cfg).map_err(|e| WeightsError::InvalidConfig(e.to_string()))?;
-
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
     let tmp = sibling(dir, "tmp")?;
-    let written = write_files(&tmp, &config_json, &tensors);
-    if let Err(e) = written {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    write_new_dir(&tmp, cfg, src)?;
     let old = if dir.exists() {
         let old = sibling(dir, "old")?;
         if let Err(e) = fs::rename(dir, &old) {
@@ -454,8 +422,50 @@ pub fn save_dir(dir: impl AsRef<Path>, cfg: &ModelConfig, src: &impl TensorSourc
     Ok(())
 }
 
+/// Creates `dir` (which must not exist) holding a model directory's files, each
+/// fsynced, and the directory itself fsynced; no rename. Every tensor of
+/// [`tensor_specs`] is written as `f32`, plus an `i64` scalar `num_batches_tracked` per
+/// batch norm, taken from `src` when it has one, else 0. On failure `dir` is removed.
+///
+/// For writers that stage under a name of their own before renaming (the model store
+/// writes `.tmp-vN-PID` directly, so a crash leaves only a name it knows to clean up).
+pub fn write_new_dir(dir: &Path, cfg: &ModelConfig, src: &impl TensorSource) -> Result<()> {
+    cfg.validate().map_err(WeightsError::InvalidConfig)?;
+    let specs = tensor_specs(cfg);
+    let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(specs.len() * 5 / 4);
+    for spec in &specs {
+        let t = src
+            .tensor(&spec.name)
+            .ok_or_else(|| WeightsError::MissingTensor {
+                name: spec.name.clone(),
+                others: 0,
+            })?;
+        check_shape(&spec.name, &spec.shape, &t)?;
+        let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        tensors.insert(spec.name.clone(), t);
+    }
+    for prefix in batch_norm_prefixes(&specs) {
+        let name = format!("{prefix}.{NUM_BATCHES_TRACKED}");
+        let count = match src.tensor(&name) {
+            Some(t) if t.dtype() == DType::I64 && t.elem_count() == 1 => {
+                t.to_device(&Device::Cpu)?.reshape(())?
+            }
+            _ => Tensor::new(0i64, &Device::Cpu)?,
+        };
+        tensors.insert(name, count);
+    }
+    let config_json =
+        serde_json::to_vec_pretty(cfg).map_err(|e| WeightsError::InvalidConfig(e.to_string()))?;
+    // Created here, so that a failure below removes only what this call made.
+    fs::create_dir(dir).map_err(io_err(dir))?;
+    let written = write_files(dir, &config_json, &tensors);
+    if written.is_err() {
+        let _ = fs::remove_dir_all(dir);
+    }
+    written
+}
+
 fn write_files(tmp: &Path, config_json: &[u8], tensors: &HashMap<String, Tensor>) -> Result<()> {
-    fs::create_dir(tmp).map_err(io_err(tmp))?;
     let cfg_path = tmp.join(CONFIG_FILE);
     let mut f = File::create(&cfg_path).map_err(io_err(&cfg_path))?;
     f.write_all(config_json).map_err(io_err(&cfg_path))?;
