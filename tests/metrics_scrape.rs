@@ -104,6 +104,11 @@ fn exposed_value(text: &str, series: &str) -> Option<f64> {
 #[tokio::test]
 async fn prometheus_scrapes_the_running_binary() {
     if !on_path("prometheus") {
+        // CI installs it (.ci/run): there a missing binary is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but `prometheus` is not on PATH: .ci/run must install it"
+        );
         eprintln!(
             "\n\n*** SKIPPED prometheus_scrapes_the_running_binary: no `prometheus` binary on \
              PATH. Install it (Debian: apt-get update && apt-get install -y prometheus) to \
@@ -230,6 +235,10 @@ async fn prometheus_scrapes_the_running_binary() {
             String::from_utf8_lossy(&out.stderr)
         );
     } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but `promtool` is not on PATH"
+        );
         eprintln!("*** promtool not on PATH: `promtool check metrics` skipped ***");
     }
 
