@@ -23,11 +23,14 @@ for _ in $(seq 1 240); do
 done
 
 echo "--- grpcurl list (reflection)"
-grpcurl -plaintext "$ADDR" list | tee /dev/stderr | grep -qx 'fusion.v1.FusionService'
+# (tee to a file: `tee /dev/stderr` would truncate a log that stdout and stderr share)
+grpcurl -plaintext "$ADDR" list | tee "$LOG.list"
+grep -qx 'fusion.v1.FusionService' "$LOG.list"
 echo "--- grpcurl describe"
 grpcurl -plaintext "$ADDR" describe fusion.v1.FusionService.Predict
 echo "--- health"
-grpcurl -plaintext -d '{"service":""}' "$ADDR" grpc.health.v1.Health/Check | tee /dev/stderr | grep -q '"SERVING"'
+grpcurl -plaintext -d '{"service":""}' "$ADDR" grpc.health.v1.Health/Check | tee "$LOG.health"
+grep -q '"SERVING"' "$LOG.health"
 echo "--- Predict with a real PNG + WAV"
 python3 scripts/av_pair_json.py --split test --rows 0 \
   | grpcurl -plaintext -d @ "$ADDR" fusion.v1.FusionService/Predict | tee "$LOG.predict"

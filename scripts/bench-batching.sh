@@ -76,7 +76,7 @@ for c in $CONCURRENCY; do
       curl -fsS "http://127.0.0.1:$((port + 1))/metrics" >"$run.before"
       "$LOADGEN" --server "http://127.0.0.1:$port" --data "$DATA" --concurrency "$c" \
         --requests "$n" --warmup "$c" --label "$mode" --raw-out "$run.raw" \
-        | tail -n 1 | tee /dev/stderr >"$run.json"
+        | tail -n 1 | tee "$run.json" >&2
       curl -fsS "http://127.0.0.1:$((port + 1))/metrics" >"$run.after"
     done
   done
