@@ -60,6 +60,11 @@ struct Args {
     /// Audio time-shift augmentation, in seconds (0: off).
     #[arg(long, default_value_t = 0.1)]
     audio_shift: f32,
+    /// Probability of blanking the image or the audio of a training pair (0: off), so
+    /// that the model also answers from one modality alone. Off by default: on
+    /// av-digits it costs about 1.5 points of fused test accuracy (see the README).
+    #[arg(long, default_value_t = 0.0)]
+    modality_dropout: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use at most this many training pairs (0: all).
@@ -193,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 audio_gain: args.audio_gain,
                 audio_max_shift_seconds: args.audio_shift,
                 audio_noise_std: 0.0,
+                modality_dropout: args.modality_dropout,
             }),
             activate: Some(true),
             ..Default::default()

@@ -246,7 +246,9 @@ pub fn collate(
 /// changed in the log-mel domain: a gain `g` adds `2 ln g` to every value; a time
 /// shift moves frames (filling with the clip's quietest frame value); white noise of
 /// standard deviation `s` adds its expected power per band, `s^2 * n_fft * 3/8` (a
-/// periodic Hann window's energy), to `exp(x)`.
+/// periodic Hann window's energy), to `exp(x)`. Modality dropout, applied last,
+/// replaces the image by a black one or the audio by silence (same number of frames):
+/// what a client sends when it has only the other modality.
 pub fn augmented(
     s: &PreparedSample,
     a: &Augment,
@@ -309,6 +311,17 @@ pub fn augmented(
             let j = jitter.map_or(1.0, |d| d.sample(rng).max(0.0));
             *v = (((*v).exp() - eps).max(0.0) + power * j + eps).ln();
         });
+    }
+    if a.modality_dropout > 0.0 && rng.random_bool(f64::from(a.modality_dropout)) {
+        if rng.random_bool(0.5) {
+            // A black image: pixel 0 normalised, per channel.
+            let plane = h * w;
+            for (ch, values) in out.image.chunks_mut(plane).enumerate().take(c) {
+                values.fill((0.0 - model.image.mean[ch]) / model.image.std[ch]);
+            }
+        } else {
+            out.audio.fill(model.audio.log_eps.ln());
+        }
     }
     out
 }
@@ -376,6 +389,44 @@ mod tests {
         let mut all: Vec<usize> = b.concat();
         all.sort();
         assert_eq!(all, (0..9).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn modality_dropout_blanks_one_modality_like_a_client_would() {
+        let m = ModelConfig::default();
+        let (pixels, n_mels, frames) = (m.image.height * m.image.width, m.audio.n_mels, 5);
+        let s = PreparedSample {
+            image: (0..pixels).map(|i| i as f32 / pixels as f32).collect(),
+            audio: (0..frames * n_mels).map(|i| i as f32).collect(),
+            frames,
+        };
+        // What preprocessing makes of a black image and of silence.
+        let black = (0.0 - m.image.mean[0]) / m.image.std[0];
+        let silence = m.audio.log_eps.ln();
+        let a = Augment {
+            modality_dropout: 0.5,
+            ..Augment::default()
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let (mut images, mut audios, mut kept) = (0, 0, 0);
+        for _ in 0..400 {
+            let o = augmented(&s, &a, &m, &mut rng);
+            assert_eq!(o.frames, frames);
+            let image_blank = o.image.iter().all(|&v| v == black);
+            let audio_blank = o.audio.iter().all(|&v| v == silence);
+            assert!(!(image_blank && audio_blank), "never both");
+            match (image_blank, audio_blank) {
+                (true, _) => images += 1,
+                (_, true) => audios += 1,
+                _ => {
+                    assert_eq!((&o.image, &o.audio), (&s.image, &s.audio));
+                    kept += 1;
+                }
+            }
+        }
+        // 400 draws at p = 0.5, each modality half of the blanked ones.
+        assert!((150..250).contains(&kept), "kept {kept}");
+        assert!((60..140).contains(&images) && (60..140).contains(&audios));
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub struct Augment {
     pub audio_gain: f32,
     pub audio_max_shift_seconds: f32,
     pub audio_noise_std: f32,
+    pub modality_dropout: f32,
 }
 
 impl Augment {
@@ -274,6 +275,13 @@ impl TrainSettings {
                         1.0,
                         false,
                     )?,
+                    modality_dropout: finite_in(
+                        "augmentation.modality_dropout",
+                        a.modality_dropout,
+                        0.0,
+                        1.0,
+                        true,
+                    )?,
                 }
             }
         };
@@ -375,6 +383,16 @@ mod tests {
                     ..Default::default()
                 },
                 "config.weight_decay",
+            ),
+            (
+                proto::TrainConfig {
+                    augmentation: Some(proto::Augmentation {
+                        modality_dropout: 1.0,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "config.augmentation.modality_dropout",
             ),
         ];
         for (c, field) in cases {
