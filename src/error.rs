@@ -37,6 +37,9 @@ pub enum ServeError {
     Unavailable(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    /// A concurrent change (a model swap) got in the way; retrying succeeds.
+    #[error("aborted: {0}")]
+    Aborted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -50,6 +53,7 @@ impl ServeError {
             ServeError::Cancelled(_) => Code::Cancelled,
             ServeError::Unavailable(_) => Code::Unavailable,
             ServeError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServeError::Aborted(_) => Code::Aborted,
             ServeError::Internal(_) => Code::Internal,
         }
     }

@@ -155,7 +155,7 @@ fn served(
     Ok(ServedModel {
         preprocessor: Arc::new(preprocessor),
         model,
-        config,
+        config: Arc::new(config),
         version,
         meta,
         dtype,

@@ -158,12 +158,14 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
     }
     let pixels = (served.config.image.height * served.config.image.width) as u64;
     let warmup = crate::watcher::warmup_sample(&served);
+    let warmup_config = served.config.clone();
     let slot = ModelSlot::new(served);
     let engine = Engine::spawn(slot.clone());
     let (reply, answer) = tokio::sync::oneshot::channel();
     engine
         .run(vec![Job {
             samples: vec![warmup],
+            config: warmup_config,
             reply,
         }])
         .await?;

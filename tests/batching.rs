@@ -54,6 +54,8 @@ fn sample(id: u32, frames: usize) -> PreparedSample {
 fn request(samples: &[(u32, usize)]) -> InferRequest {
     InferRequest {
         samples: samples.iter().map(|&(id, f)| sample(id, f)).collect(),
+        // The mock model never looks at it.
+        config: Default::default(),
         deadline: None,
     }
 }

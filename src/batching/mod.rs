@@ -18,14 +18,17 @@ pub use layer::BatchLayer;
 pub use service::{BatchService, ResponseFuture};
 pub use worker::BatchRunner;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::model::ModelConfig;
 use crate::preprocess::PreparedSample;
 
-/// One request for the model: its samples (never split across batches) and the time
-/// by which the client wants an answer.
+/// One request for the model: its samples (never split across batches), the config
+/// they were preprocessed for, and the time by which the client wants an answer.
 pub struct InferRequest {
     pub samples: Vec<PreparedSample>,
+    pub config: Arc<ModelConfig>,
     pub deadline: Option<Instant>,
 }
 

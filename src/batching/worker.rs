@@ -11,6 +11,7 @@ use tower::{Service, ServiceExt};
 use super::{BatchPolicy, InferRequest};
 use crate::engine::{BatchStats, InferResponse, Job};
 use crate::error::ServeError;
+use crate::model::ModelConfig;
 use crate::preprocess::PreparedSample;
 use crate::telemetry::metrics as m;
 
@@ -31,6 +32,7 @@ where
 
 pub(crate) struct Queued {
     samples: Vec<PreparedSample>,
+    config: Arc<ModelConfig>,
     deadline: Option<Instant>,
     reply: oneshot::Sender<Result<InferResponse, ServeError>>,
     enqueued: Instant,
@@ -46,6 +48,7 @@ impl Queued {
         let frames = request.samples.iter().map(|s| s.frames).max().unwrap_or(0);
         Self {
             samples: request.samples,
+            config: request.config,
             deadline: request.deadline.map(Instant::from_std),
             reply,
             enqueued: Instant::now(),
@@ -202,6 +205,7 @@ impl<S: BatchRunner> Worker<S> {
             real_frames += q.samples.iter().map(|s| s.frames).sum::<usize>();
             jobs.push(Job {
                 samples: q.samples,
+                config: q.config,
                 reply: q.reply,
             });
         }

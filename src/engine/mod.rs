@@ -8,12 +8,13 @@
 mod collate;
 mod slot;
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
+use crate::model::ModelConfig;
 use crate::preprocess::PreparedSample;
 
 pub use collate::{collate, Collated};
@@ -42,6 +43,9 @@ pub struct InferResponse {
 /// One request's part of a batch: its samples and where to send the answer.
 pub struct Job {
     pub samples: Vec<PreparedSample>,
+    /// The config the samples were preprocessed for (image size, normalisation, mel
+    /// settings, labels): a job only runs on a model with the same one.
+    pub config: Arc<ModelConfig>,
     pub reply: oneshot::Sender<Result<InferResponse, ServeError>>,
 }
 
@@ -94,6 +98,19 @@ impl Engine {
 /// Runs one batch on the model that is current now and answers every job.
 fn run_batch(slot: &ModelSlot, jobs: Vec<Job>) -> BatchStats {
     let model = slot.current();
+    // A swap to a model with other inputs or labels between a request's preprocessing
+    // and its batch: its samples would be wrong for this model, so it is refused
+    // (the client retries and is prepared afresh); the rest of the batch runs.
+    let (jobs, stale): (Vec<Job>, Vec<Job>) = jobs
+        .into_iter()
+        .partition(|j| Arc::ptr_eq(&j.config, &model.config) || *j.config == *model.config);
+    for job in stale {
+        let _ = job.reply.send(Err(ServeError::Aborted(format!(
+            "the served model changed to {} (other input settings or labels) while this \
+             request waited in the queue; send it again",
+            model.version
+        ))));
+    }
     let sizes: Vec<usize> = jobs.iter().map(|j| j.samples.len()).collect();
     let samples: Vec<&PreparedSample> = jobs.iter().flat_map(|j| j.samples.iter()).collect();
     let started = Instant::now();
@@ -188,5 +205,54 @@ impl tower::Service<Vec<Job>> for Engine {
     fn call(&mut self, jobs: Vec<Job>) -> Self::Future {
         let engine = self.clone();
         Box::pin(async move { engine.run(jobs).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::InputLimits;
+    use candle_core::{DType, Device};
+
+    fn job(
+        model: &ServedModel,
+        config: Arc<ModelConfig>,
+    ) -> (Job, oneshot::Receiver<Result<InferResponse, ServeError>>) {
+        let (reply, answer) = oneshot::channel();
+        let samples = vec![crate::watcher::warmup_sample(model)];
+        (
+            Job {
+                samples,
+                config,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_prepared_for_another_config_is_aborted_alone() {
+        let limits = InputLimits {
+            max_image_pixels: 1 << 20,
+            max_audio_seconds: 10.0,
+        };
+        let model = crate::loader::builtin(&Device::Cpu, DType::F32, &limits).unwrap();
+        // Same config in another allocation (a reloaded version): runs.
+        let same = Arc::new((*model.config).clone());
+        // Prepared for a model with other labels (swapped in since): refused.
+        let mut other = (*model.config).clone();
+        other.labels[0] = "zero".into();
+        let (a, a_answer) = job(&model, model.config.clone());
+        let (b, b_answer) = job(&model, Arc::new(other));
+        let (c, c_answer) = job(&model, same);
+        let engine = Engine::spawn(ModelSlot::new(model));
+        let stats = engine.run(vec![a, b, c]).await.unwrap();
+        assert_eq!(stats.samples, 2, "the refused job is not computed");
+        let a = a_answer.await.unwrap().unwrap();
+        let c = c_answer.await.unwrap().unwrap();
+        assert_eq!(a.outputs, c.outputs);
+        let e = b_answer.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Aborted);
+        assert!(e.to_string().contains("send it again"), "{e}");
     }
 }

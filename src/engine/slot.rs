@@ -22,7 +22,8 @@ pub struct ModelMeta {
 /// A loaded, warmed-up model ready to serve.
 pub struct ServedModel {
     pub model: FusionModel,
-    pub config: ModelConfig,
+    /// Shared with the requests prepared for this model (see [`crate::engine::Job`]).
+    pub config: Arc<ModelConfig>,
     pub version: String,
     pub meta: ModelMeta,
     pub device: Device,

@@ -49,7 +49,7 @@ pub fn model_info(model: &ServedModel, limits: &RequestLimits) -> proto::ModelIn
             max_message_bytes: limits.max_message_bytes as u64,
         }),
         training: model.meta.training.as_ref().map(training_summary),
-        config_json: serde_json::to_string_pretty(c).unwrap_or_default(),
+        config_json: serde_json::to_string_pretty(&**c).unwrap_or_default(),
     }
 }
 

@@ -53,6 +53,7 @@ impl FusionApi {
         let mut batcher = backend.batcher.clone();
         let request = InferRequest {
             samples: prepared,
+            config: model.config.clone(),
             deadline,
         };
         let answer = with_deadline(deadline, async move {

@@ -216,7 +216,7 @@ pub fn run_blocking(
     emit: &mut (dyn FnMut(RunEvent) -> bool + Send),
 ) -> Result<Finished, TrainError> {
     let (train, validation) = dataset::split(examples, settings.validation_fraction, settings.seed);
-    let config = base.config.clone();
+    let config = (*base.config).clone();
     let varmap = on_device(starting_weights(&base)?, &backend.device)?;
     let run_id = format!("run-{}-{}", publish::unix_seconds(), std::process::id());
     let total_steps = trainer::steps_per_epoch(train.len(), &settings) * settings.epochs;
@@ -277,7 +277,7 @@ fn starting_weights(base: &ServedModel) -> Result<candle_nn::VarMap, TrainError>
         return Ok(weights::init_random(&base.config, loader::BUILTIN_SEED)?);
     }
     let loaded = weights::load_dir(&base.meta.source)?;
-    if loaded.config != base.config {
+    if loaded.config != *base.config {
         return Err(TrainError::Internal(format!(
             "the served version {}'s directory {} now holds a different model config",
             base.version, base.meta.source
