@@ -303,15 +303,21 @@ pub fn init_random(cfg: &ModelConfig, seed: u64) -> Result<VarMap> {
 /// building from it never silently creates a missing variable).
 fn check_source(cfg: &ModelConfig, src: &impl TensorSource) -> Result<()> {
     for spec in tensor_specs(cfg) {
-        let t = src
-            .tensor(&spec.name)
-            .ok_or_else(|| WeightsError::MissingTensor {
-                name: spec.name.clone(),
-                others: 0,
-            })?;
-        check_shape(&spec.name, &spec.shape, &t)?;
+        checked_tensor(&spec, src)?;
     }
     Ok(())
+}
+
+/// `spec`'s tensor from `src`, present and of the right shape.
+fn checked_tensor(spec: &TensorSpec, src: &impl TensorSource) -> Result<Tensor> {
+    let t = src
+        .tensor(&spec.name)
+        .ok_or_else(|| WeightsError::MissingTensor {
+            name: spec.name.clone(),
+            others: 0,
+        })?;
+    check_shape(&spec.name, &spec.shape, &t)?;
+    Ok(t)
 }
 
 /// The model over `varmap`'s variables (shared: training updates are visible to it and
@@ -434,14 +440,10 @@ pub fn write_new_dir(dir: &Path, cfg: &ModelConfig, src: &impl TensorSource) -> 
     let specs = tensor_specs(cfg);
     let mut tensors: HashMap<String, Tensor> = HashMap::with_capacity(specs.len() * 5 / 4);
     for spec in &specs {
-        let t = src
-            .tensor(&spec.name)
-            .ok_or_else(|| WeightsError::MissingTensor {
-                name: spec.name.clone(),
-                others: 0,
-            })?;
-        check_shape(&spec.name, &spec.shape, &t)?;
-        let t = t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let t = checked_tensor(spec, src)?
+            .detach()
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?;
         tensors.insert(spec.name.clone(), t);
     }
     for prefix in batch_norm_prefixes(&specs) {
