@@ -33,10 +33,12 @@ fn narrow_store() -> tempfile::TempDir {
     dir
 }
 
-fn train_messages(epochs: u32, n: usize) -> Vec<proto::TrainRequest> {
+/// A run of `epochs` over `n` training pairs; `queue` waits for a run in progress.
+fn train_messages(epochs: u32, n: usize, queue: bool) -> Vec<proto::TrainRequest> {
     let mut msgs = vec![proto::TrainRequest {
         item: Some(proto::train_request::Item::Config(proto::TrainConfig {
             epochs,
+            queue,
             batch_size: 8,
             learning_rate: 1e-3,
             seed: 1,
@@ -83,7 +85,7 @@ async fn a_version_trained_on_one_replica_is_served_by_the_other() {
 
     // A long run on A holds the store's lock: a Train on B is refused meanwhile.
     let mut long = ca
-        .train(tokio_stream::iter(train_messages(1000, 16)))
+        .train(tokio_stream::iter(train_messages(1000, 16, false)))
         .await
         .unwrap()
         .into_inner();
@@ -93,7 +95,10 @@ async fn a_version_trained_on_one_replica_is_served_by_the_other() {
             break;
         }
     }
-    let refused = match cb.train(tokio_stream::iter(train_messages(1, 8))).await {
+    let refused = match cb
+        .train(tokio_stream::iter(train_messages(1, 8, false)))
+        .await
+    {
         Err(s) => s,
         Ok(_) => panic!("a second run across the store must be refused"),
     };
@@ -106,8 +111,9 @@ async fn a_version_trained_on_one_replica_is_served_by_the_other() {
     assert_eq!(version(&mut cb).await, "base");
 
     // A short run on A: A serves it at once, B after its watcher sees ACTIVE change.
+    // It queues: A notices the cancellation above asynchronously.
     let mut events = ca
-        .train(tokio_stream::iter(train_messages(1, 24)))
+        .train(tokio_stream::iter(train_messages(1, 24, true)))
         .await
         .unwrap()
         .into_inner();

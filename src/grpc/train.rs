@@ -106,8 +106,10 @@ struct Run {
     backend: Backend,
     base: Arc<ServedModel>,
     settings: TrainSettings,
-    permit: RunPermit,
+    // Fields drop in this order: the store lock goes before the run slot, so a run
+    // queued for the slot never finds the store still locked by this one.
     lock: TrainLock,
+    permit: RunPermit,
     tx: EventTx,
     /// Shutdown stops the run at its next micro-batch: nothing is stored.
     draining: tokio::sync::watch::Receiver<bool>,
@@ -128,7 +130,13 @@ impl Run {
             Err(e) => {
                 record_outcome(e.outcome());
                 tracing::info!(error = %e, "training run ended while reading examples");
-                let _ = self.tx.send(Err(e.into())).await;
+                // Free the store and the slot before the client hears the run ended.
+                let Run {
+                    lock, permit, tx, ..
+                } = self;
+                drop(lock);
+                drop(permit);
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
