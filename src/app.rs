@@ -14,6 +14,8 @@ use candle_core::{DType, Device};
 #[derive(Clone, Debug)]
 pub struct RequestLimits {
     pub max_samples_per_request: usize,
+    /// Requests being decoded and preprocessed at once.
+    pub max_concurrent_preprocess: usize,
     pub max_message_bytes: usize,
     pub input: InputLimits,
 }
@@ -35,6 +37,8 @@ pub struct Backend {
 
 pub struct App {
     pub limits: RequestLimits,
+    /// Permits to decode and preprocess a request (`limits.max_concurrent_preprocess`).
+    pub preprocess: Arc<tokio::sync::Semaphore>,
     backend: OnceLock<Backend>,
     /// Flips to true once on SIGTERM/SIGINT; training runs watch it.
     draining: tokio::sync::watch::Sender<bool>,
@@ -43,6 +47,9 @@ pub struct App {
 impl App {
     pub fn new(limits: RequestLimits) -> Arc<Self> {
         Arc::new(Self {
+            preprocess: Arc::new(tokio::sync::Semaphore::new(
+                limits.max_concurrent_preprocess.max(1),
+            )),
             limits,
             backend: OnceLock::new(),
             draining: tokio::sync::watch::Sender::new(false),

@@ -74,6 +74,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FUSION_MAX_IMAGE_PIXELS", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_image_pixels: u64,
 
+    /// Fuse/Predict requests decoded and preprocessed at once (0: one per CPU core).
+    /// Bounds the memory of decoded images: the others wait, still compressed.
+    #[arg(long, env = "FUSION_MAX_CONCURRENT_PREPROCESS", default_value_t = 0)]
+    pub max_concurrent_preprocess: usize,
+
     /// Longest audio clip accepted, in seconds.
     #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0, value_parser = positive_seconds)]
     pub max_audio_seconds: f32,
@@ -109,7 +114,7 @@ pub struct BatchConfig {
 
     /// Longest a request waits for others to join its batch while the model is idle,
     /// in microseconds. 0: a batch starts as soon as the model is free.
-    #[arg(long, env = "FUSION_MAX_BATCH_DELAY_US", default_value_t = 0)]
+    #[arg(long, env = "FUSION_MAX_BATCH_DELAY_US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=1_000_000))]
     pub max_batch_delay_us: u64,
 
     /// Cost budget of one batch: image pixels plus audio frames of the padded batch.
@@ -137,22 +142,30 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A duration in seconds: finite and not negative.
+/// Longest duration any flag takes: a day. Longer ones are typos (and some would
+/// not fit a `Duration`).
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// A duration in seconds: 0 to a day.
 fn seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if v.is_finite() && v >= 0.0 {
+    if (0.0..=MAX_SECONDS).contains(&v) {
         Ok(v)
     } else {
-        Err("must be a finite number of seconds, 0 or more".into())
+        Err(format!(
+            "must be a number of seconds from 0 to {MAX_SECONDS}"
+        ))
     }
 }
 
 fn positive_seconds(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
-    if v.is_finite() && v > 0.0 {
+    if v > 0.0 && f64::from(v) <= MAX_SECONDS {
         Ok(v)
     } else {
-        Err("must be a finite number of seconds, more than 0".into())
+        Err(format!(
+            "must be a number of seconds above 0, at most {MAX_SECONDS}"
+        ))
     }
 }
 
@@ -184,6 +197,10 @@ mod tests {
             ("--max-audio-seconds", "NaN"),
             ("--drain-delay-secs", "-1"),
             ("--store-watch-interval-secs", "inf"),
+            ("--drain-delay-secs", "1e30"),
+            ("--drain-delay-secs", "NaN"),
+            ("--max-audio-seconds", "1e30"),
+            ("--max-batch-delay-us", "99999999999"),
         ] {
             // `--flag=value`: a bare `-1` would be read as an unknown flag.
             let err = parse(&[&format!("{flag}={value}")])

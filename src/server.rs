@@ -35,6 +35,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let limits = RequestLimits {
         max_samples_per_request: config.max_samples_per_request,
+        max_concurrent_preprocess: match config.max_concurrent_preprocess {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        },
         max_message_bytes: config.max_message_bytes,
         input: InputLimits {
             max_image_pixels: config.max_image_pixels,

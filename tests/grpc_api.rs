@@ -483,3 +483,43 @@ async fn undecodable_request_body_is_invalid_argument() {
         .unwrap();
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_beyond_the_preprocess_limit_wait_their_turn() {
+    // One request decodes at a time; the others wait for it and are all answered,
+    // each with its own sample's output.
+    let server = TestServer::start(serve_config(&["--max-concurrent-preprocess", "1"])).await;
+    let test: Vec<_> = pairs()
+        .into_iter()
+        .filter(|p| p.split == "test")
+        .take(12)
+        .collect();
+    let mut client = server.client().await;
+    let alone = client
+        .predict(proto::PredictRequest {
+            samples: test.iter().map(sample).collect(),
+            top_k: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let calls = test.iter().map(|p| {
+        let mut c = client.clone();
+        let s = sample(p);
+        async move {
+            c.predict(proto::PredictRequest {
+                samples: vec![s],
+                top_k: 1,
+            })
+            .await
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    for (i, a) in answers.into_iter().enumerate() {
+        let a = a
+            .unwrap_or_else(|s| panic!("request {i}: {s:?}"))
+            .into_inner();
+        let d = max_abs_diff(&a.predictions[0].scores, &alone.predictions[i].scores);
+        assert!(d < 1e-5, "request {i}: {d}");
+    }
+}

@@ -49,7 +49,16 @@ impl FusionApi {
             )));
         }
         let model = backend.slot.current();
-        let prepared = with_deadline(deadline, preprocess(model.clone(), samples)).await??;
+        let prepared =
+            with_deadline(deadline, async {
+                // Decoded images can be large: only so many requests decode at once.
+                let _permit =
+                    self.app.preprocess.acquire().await.map_err(|_| {
+                        ServeError::Unavailable("the server is shutting down".into())
+                    })?;
+                preprocess(model.clone(), samples).await
+            })
+            .await??;
         let mut batcher = backend.batcher.clone();
         let request = InferRequest {
             samples: prepared,
