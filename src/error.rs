@@ -57,6 +57,21 @@ impl ServeError {
             ServeError::Internal(_) => Code::Internal,
         }
     }
+
+    /// The text for the client: the status code already says what kind of error.
+    pub fn message(&self) -> String {
+        match self {
+            ServeError::Invalid(i) => i.to_string(),
+            ServeError::InvalidRequest(m)
+            | ServeError::Overloaded(m)
+            | ServeError::DeadlineExceeded(m)
+            | ServeError::Cancelled(m)
+            | ServeError::Unavailable(m)
+            | ServeError::FailedPrecondition(m)
+            | ServeError::Aborted(m)
+            | ServeError::Internal(m) => m.clone(),
+        }
+    }
 }
 
 /// The message a caught panic carried, for an error that says what happened.
@@ -76,10 +91,6 @@ impl From<candle_core::Error> for ServeError {
 
 impl From<ServeError> for Status {
     fn from(e: ServeError) -> Self {
-        let message = match &e {
-            ServeError::Invalid(i) => i.to_string(),
-            other => other.to_string(),
-        };
-        Status::new(e.code(), message)
+        Status::new(e.code(), e.message())
     }
 }

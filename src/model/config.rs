@@ -91,6 +91,17 @@ pub enum Task {
     Binary,
 }
 
+impl std::fmt::Display for Task {
+    /// As `config.json` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Task::Multiclass => "multiclass",
+            Task::Multilabel => "multilabel",
+            Task::Binary => "binary",
+        })
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {

@@ -70,7 +70,10 @@ pub fn target(
         } else {
             Err(InputError::new(
                 field(f),
-                format!("label index {i} is out of range: the model has {n} outputs (0..{n})"),
+                format!(
+                    "label index {i} is out of range: the model has {n} outputs (0 to {})",
+                    n - 1
+                ),
             ))
         }
     };
@@ -100,7 +103,7 @@ pub fn target(
                 return Err(InputError::new(
                     field("label_index"),
                     format!(
-                        "a {:?} model takes a set of labels: use label_indices or label_names",
+                        "a {} model takes a set of labels: use label_indices or label_names",
                         model.task
                     ),
                 ));

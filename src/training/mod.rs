@@ -52,7 +52,7 @@ pub enum TrainError {
     /// A message the client sent could not be read: malformed or over the size limit.
     #[error("{message}")]
     BadMessage { code: Code, message: String },
-    #[error("{0}")]
+    #[error("{}", .0.message())]
     Serve(#[from] ServeError),
     #[error("internal error: {0}")]
     Internal(String),

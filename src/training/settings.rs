@@ -193,19 +193,30 @@ impl TrainSettings {
                 Task::Multiclass => LossKind::CrossEntropy,
                 Task::Multilabel | Task::Binary => LossKind::Bce,
             },
+            // The loss must fit how the served model's outputs are read (softmax for
+            // multiclass, sigmoid otherwise), or the trained version would serve
+            // probabilities it was never fitted for.
             Ok(proto::Loss::CrossEntropy) => {
                 if model.task != Task::Multiclass {
                     return Err(invalid(
                         "loss",
                         format!(
-                            "cross_entropy needs a multiclass model; this model is {:?}: use LOSS_BCE",
+                            "cross_entropy needs a multiclass model; this model is {} (outputs read with sigmoid): use LOSS_BCE or leave loss unset",
                             model.task
                         ),
                     ));
                 }
                 LossKind::CrossEntropy
             }
-            Ok(proto::Loss::Bce) => LossKind::Bce,
+            Ok(proto::Loss::Bce) => {
+                if model.task == Task::Multiclass {
+                    return Err(invalid(
+                        "loss",
+                        "bce needs a multilabel or binary model; this model is multiclass (outputs read with softmax): use LOSS_CROSS_ENTROPY or leave loss unset",
+                    ));
+                }
+                LossKind::Bce
+            }
             Err(_) => return Err(invalid("loss", format!("unknown value {}", c.loss))),
         };
         let parts = if c.parts.is_empty() {
@@ -383,6 +394,13 @@ mod tests {
                     ..Default::default()
                 },
                 "config.weight_decay",
+            ),
+            (
+                proto::TrainConfig {
+                    loss: proto::Loss::Bce as i32,
+                    ..Default::default()
+                },
+                "config.loss: bce needs a multilabel or binary model",
             ),
             (
                 proto::TrainConfig {

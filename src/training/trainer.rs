@@ -160,9 +160,9 @@ fn train(
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
                     return Err(TrainError::Diverged(format!(
-                        "the training loss became {value} at epoch {epoch}, step {} (learning_rate {}); nothing was stored or served. Lower learning_rate or check the inputs for extreme values",
+                        "the training loss became {value} at epoch {epoch}, step {} (learning_rate {:e}); nothing was stored or served. Lower learning_rate or check the inputs for extreme values",
                         step + 1,
-                        s.learning_rate
+                        s.learning_rate as f32
                     )));
                 }
                 let weight = ids.len() as f64 / group_examples as f64;
@@ -207,8 +207,8 @@ fn train(
         let v = evaluate(&model, cfg, s.loss, &job.validation, epoch, &device)?;
         if !v.loss.is_finite() {
             return Err(TrainError::Diverged(format!(
-                "the validation loss became {} after epoch {epoch} (learning_rate {}); nothing was stored or served",
-                v.loss, s.learning_rate
+                "the validation loss became {} after epoch {epoch} (learning_rate {:e}); nothing was stored or served",
+                v.loss, s.learning_rate as f32
             )));
         }
         if !emit(Event::Validation(v.clone())) {
