@@ -523,3 +523,31 @@ async fn requests_beyond_the_preprocess_limit_wait_their_turn() {
         assert!(d < 1e-5, "request {i}: {d}");
     }
 }
+
+#[tokio::test]
+async fn compressed_requests_are_accepted() {
+    let server = TestServer::start(serve_config(&[])).await;
+    let p = pairs().into_iter().find(|p| p.split == "test").unwrap();
+    let request = || proto::PredictRequest {
+        samples: vec![sample(&p)],
+        top_k: 1,
+    };
+    let plain = server.client().await.predict(request()).await.unwrap();
+    for encoding in [
+        tonic::codec::CompressionEncoding::Gzip,
+        tonic::codec::CompressionEncoding::Deflate,
+    ] {
+        let got = server
+            .client()
+            .await
+            .send_compressed(encoding)
+            .predict(request())
+            .await
+            .unwrap_or_else(|s| panic!("{encoding:?}: {s:?}"));
+        assert_eq!(
+            got.get_ref().predictions,
+            plain.get_ref().predictions,
+            "{encoding:?}"
+        );
+    }
+}
