@@ -240,6 +240,34 @@ fn infinity_in_float_wav() {
 }
 
 #[test]
+fn unscaled_float_wav_is_refused() {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 8000,
+        bits_per_sample: 32,
+        sample_format: hound::SampleFormat::Float,
+    };
+    let mut cursor = Cursor::new(Vec::new());
+    let mut w = hound::WavWriter::new(&mut cursor, spec).unwrap();
+    for i in 0..200 {
+        w.write_sample(if i == 50 { 12000.0f32 } else { 0.1 })
+            .unwrap();
+    }
+    w.finalize().unwrap();
+    let e = fails(
+        &pre(),
+        1,
+        good_image(),
+        AudioInput::Wav(cursor.into_inner()),
+    );
+    assert_err(
+        &e,
+        "samples[1].audio.wav",
+        "sample 12000 at frame 50, channel 0 is outside [-1, 1]",
+    );
+}
+
+#[test]
 fn empty_modality_data() {
     let p = pre();
     let e = fails(&p, 0, ImageInput::Encoded(Vec::new()), good_audio());
@@ -707,18 +735,34 @@ fn colour_images_convert_to_the_models_channels() {
 }
 
 #[test]
-fn tensor_values_outside_unit_range_are_clamped() {
+fn tensor_values_outside_unit_range_are_refused_rounding_is_not() {
     let p = pre();
-    let over = ImageInput::Tensor {
+    let mut pixels = vec![0.5; 1024];
+    pixels[33] = 255.0; // 8-bit pixels sent unscaled
+    let e = p
+        .prepare_image(
+            3,
+            &ImageInput::Tensor {
+                shape: vec![1, 32, 32],
+                values: pixels,
+            },
+        )
+        .unwrap_err();
+    assert_err(
+        &e,
+        "samples[3].image.tensor.values",
+        "index 33 (channel 0, row 1, column 1) is 255; expected finite pixels in [0, 1] (divide 8-bit",
+    );
+    let rounded = ImageInput::Tensor {
         shape: vec![1, 32, 32],
-        values: vec![1.5; 1024],
+        values: vec![1.000_000_1; 1024],
     };
     let at_one = ImageInput::Tensor {
         shape: vec![1, 32, 32],
         values: vec![1.0; 1024],
     };
     assert_eq!(
-        p.prepare_image(0, &over).unwrap(),
+        p.prepare_image(0, &rounded).unwrap(),
         p.prepare_image(0, &at_one).unwrap()
     );
 }

@@ -10,6 +10,9 @@ use image::{DynamicImage, ImageBuffer, ImageFormat, ImageReader, Luma};
 use crate::error::InputError;
 use crate::model::config::ImageConfig;
 
+/// Accepted tensor pixel values: [0, 1] plus a little rounding slack.
+const PIXEL_RANGE: std::ops::RangeInclusive<f32> = -1e-3..=1.0 + 1e-3;
+
 /// ITU-R BT.601 luma weights, as PIL's `convert("L")` and torchvision's
 /// `rgb_to_grayscale` use (the `image` crate's own conversion uses BT.709 weights).
 const LUMA_WEIGHTS: [f32; 3] = [0.299, 0.587, 0.114];
@@ -138,8 +141,9 @@ impl ImagePipeline {
 
     /// A C x H x W tensor of pixels in [0, 1] to the normalised model input.
     /// `field` is the tensor's path, e.g. `samples[0].image.tensor`. Values outside
-    /// [0, 1] are clamped into it (the resize filter clamps anyway, so clamping always
-    /// keeps resized and unresized inputs consistent).
+    /// [0, 1] by more than rounding ([`PIXEL_RANGE`]) are refused: they are almost
+    /// always 0-255 pixels sent unscaled, which clamping would turn into a white
+    /// image. Values within the rounding slack are clamped.
     pub(crate) fn tensor(
         &self,
         field: &str,
@@ -182,11 +186,11 @@ impl ImagePipeline {
                 ),
             ));
         }
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = values.iter().position(|v| !PIXEL_RANGE.contains(v)) {
             return Err(InputError::new(
                 values_field,
                 format!(
-                    "value at index {i} (channel {}, row {}, column {}) is {}; expected finite pixels in [0, 1]",
+                    "value at index {i} (channel {}, row {}, column {}) is {}; expected finite pixels in [0, 1] (divide 8-bit pixel values by 255)",
                     i / (h * w),
                     i / w % h,
                     i % w,

@@ -316,8 +316,9 @@ pub fn parse(bytes: &[u8]) -> Result<Wav<'_>, String> {
 
 impl Wav<'_> {
     /// Decodes the samples, averaging the channels of each frame: mono f32, integers
-    /// scaled to [-1, 1) by their container width. A NaN or infinite float sample is
-    /// an error naming its frame and channel.
+    /// scaled to [-1, 1) by their container width. A float sample that is NaN,
+    /// infinite or outside [-1, 1] (integer PCM stored unscaled, say) is an error
+    /// naming its frame and channel, as for raw PCM.
     /// A data chunk shorter than its header declares is a `truncated WAV` error.
     pub fn decode_mono(&self) -> Result<Vec<f32>, String> {
         let channels = self.info.channels as usize;
@@ -348,6 +349,12 @@ impl Wav<'_> {
                 if !v.is_finite() {
                     return Err(format!(
                         "non-finite sample ({v}) at frame {f}, channel {c}; samples must be finite"
+                    ));
+                }
+                if v.abs() > 1.0 {
+                    return Err(format!(
+                        "sample {v} at frame {f}, channel {c} is outside [-1, 1]; float WAV \
+                         samples must be scaled to [-1, 1] (for 16-bit PCM, divide by 32768)"
                     ));
                 }
                 sum += v;
