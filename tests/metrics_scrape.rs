@@ -186,6 +186,40 @@ async fn prometheus_scrapes_the_running_binary() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // Two Train runs refused: one before its stream starts (no config), one on its
+    // stream (a bad label). Each counts as one request.
+    let refused = client
+        .train(tokio_stream::iter(Vec::<proto::TrainRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let run = vec![
+        proto::TrainRequest {
+            item: Some(proto::train_request::Item::Config(
+                proto::TrainConfig::default(),
+            )),
+        },
+        proto::TrainRequest {
+            item: Some(proto::train_request::Item::Example(proto::TrainExample {
+                sample: Some(sample(&test[0])),
+                label_index: Some(99),
+                ..Default::default()
+            })),
+        },
+    ];
+    let mut events = client
+        .train(tokio_stream::iter(run))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = loop {
+        match events.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a run with a bad label must fail"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
 
     // The exposition: every metric, histograms as histograms, the right values.
     let (status, text) = http_get(metrics_port, "/metrics").expect("no /metrics");
@@ -210,6 +244,14 @@ async fn prometheus_scrapes_the_running_binary() {
     ] {
         assert_eq!(exposed_value(&text, series), Some(1.0), "{series}:\n{text}");
     }
+    assert_eq!(
+        exposed_value(
+            &text,
+            r#"fusion_requests_total{rpc="Train",code="INVALID_ARGUMENT"}"#
+        ),
+        Some(2.0),
+        "{text}"
+    );
     assert_eq!(exposed_value(&text, "fusion_inflight_requests"), Some(0.0));
     assert_eq!(exposed_value(&text, "fusion_queue_depth"), Some(0.0));
 

@@ -188,6 +188,36 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 pub type TrainStream = Pin<Box<dyn Stream<Item = Result<proto::TrainEvent, Status>> + Send>>;
 
+/// A Train event stream that records the run as a request when it ends.
+struct ObservedRun {
+    events: TrainStream,
+    inflight: Option<InFlight>,
+}
+
+impl Stream for ObservedRun {
+    type Item = Result<proto::TrainEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let next = self.events.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(item) = &next {
+            let code = match item {
+                Some(Ok(_)) => None,
+                Some(Err(status)) => Some(status.code()),
+                None => Some(tonic::Code::Ok),
+            };
+            if let Some(code) = code {
+                if let Some(mut inflight) = self.inflight.take() {
+                    inflight.code = Some(code);
+                }
+            }
+        }
+        next
+    }
+}
+
 #[tonic::async_trait]
 impl FusionService for FusionApi {
     async fn fuse(
@@ -250,6 +280,22 @@ impl FusionService for FusionApi {
         &self,
         request: Request<Streaming<proto::TrainRequest>>,
     ) -> Result<Response<Self::TrainStream>, Status> {
-        super::train::train(self.app.clone(), request).await
+        // A run is one request: counted, with its whole duration, when its event
+        // stream ends (with the status that ended it), or CANCELLED if the client
+        // leaves first.
+        let mut inflight = InFlight::start("Train");
+        match super::train::train(self.app.clone(), request).await {
+            Ok(events) => {
+                let events: TrainStream = Box::pin(ObservedRun {
+                    events: events.into_inner(),
+                    inflight: Some(inflight),
+                });
+                Ok(Response::new(events))
+            }
+            Err(status) => {
+                inflight.code = Some(status.code());
+                Err(status)
+            }
+        }
     }
 }
