@@ -96,6 +96,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FUSION_TRAIN_MAX_EXAMPLE_BYTES", default_value_t = 2 << 30, value_parser = at_least_one)]
     pub train_max_example_bytes: usize,
 
+    /// Longest a Train client may go without sending its next example, in seconds;
+    /// past it the run ends with DEADLINE_EXCEEDED and frees the training lock.
+    #[arg(long, env = "FUSION_TRAIN_IDLE_TIMEOUT_SECS", default_value_t = 60.0, value_parser = positive_seconds_f64)]
+    pub train_idle_timeout_secs: f64,
+
     /// After SIGTERM, keep serving this long while reporting NOT_SERVING, so load
     /// balancers stop sending traffic before the listener closes.
     #[arg(long, env = "FUSION_DRAIN_DELAY_SECS", default_value_t = 0.0, value_parser = seconds)]
@@ -155,6 +160,15 @@ fn seconds(s: &str) -> Result<f64, String> {
         Err(format!(
             "must be a number of seconds from 0 to {MAX_SECONDS}"
         ))
+    }
+}
+
+fn positive_seconds_f64(s: &str) -> Result<f64, String> {
+    match seconds(s)? {
+        v if v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "must be a number of seconds above 0, at most {MAX_SECONDS}"
+        )),
     }
 }
 

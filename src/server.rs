@@ -205,7 +205,10 @@ async fn start_backend(config: &ServeConfig) -> anyhow::Result<Backend> {
         device,
         dtype,
         input_limits,
-        training: Arc::new(TrainManager::new(config.train_max_example_bytes)),
+        training: Arc::new(TrainManager::new(
+            config.train_max_example_bytes,
+            Duration::from_secs_f64(config.train_idle_timeout_secs),
+        )),
     })
 }
 

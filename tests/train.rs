@@ -502,3 +502,35 @@ async fn reduced_real_data_run_learns_is_served_and_survives_a_restart() {
     assert!(t.validation.is_some());
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_times_out_and_frees_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    narrow_store(dir.path());
+    let server = server(dir.path(), &["--train-idle-timeout-secs", "0.5"]).await;
+    let mut client = server.client().await;
+    let before = store_entries(dir.path());
+
+    // Sends its settings and one example, then nothing, without closing the stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(config_msg(Default::default())).await.unwrap();
+    tx.send(example(synthetic(1, 1), 1)).await.unwrap();
+    let events = client
+        .train(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, status) = drain(events).await;
+    let status = status.expect("a stalled run must fail");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("examples[1]")
+            && status.message().contains("--train-idle-timeout-secs"),
+        "{status:?}"
+    );
+    drop(tx);
+
+    // Nothing stored, and the next run is not refused as busy.
+    assert_eq!(store_entries(dir.path()), before);
+    wait_idle(&mut client).await;
+}

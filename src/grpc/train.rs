@@ -323,10 +323,19 @@ async fn read_examples(
                 "the client cancelled the run while sending examples".into(),
             ));
         }
-        // A shutdown must not wait for a client that streams slowly (or never ends).
+        // A shutdown must not wait for a client that streams slowly (or never ends),
+        // nor may a stalled client hold the slot and the store's lock.
+        let idle = backend.training.idle_timeout;
         let next = tokio::select! {
             m = stream.message() => m,
             _ = draining.wait_for(|d| *d) => return Err(shutting_down()),
+            _ = tokio::time::sleep(idle) => return Err(TrainError::BadMessage {
+                code: tonic::Code::DeadlineExceeded,
+                message: format!(
+                    "examples[{index}]: nothing arrived for {:.0?} (--train-idle-timeout-secs); the run was stopped and nothing was trained",
+                    idle
+                ),
+            }),
         };
         let message = match next {
             Ok(Some(m)) => m,

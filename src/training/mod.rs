@@ -125,6 +125,9 @@ pub struct TrainManager {
     pub max_example_bytes: usize,
     /// Threads of each run's own rayon pool.
     pub threads: usize,
+    /// Longest wait for the client's next message while it streams examples: a
+    /// stalled client must not hold the run slot and the store's lock for ever.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Held for the whole run; dropping it lets the next run start.
@@ -133,10 +136,11 @@ pub struct RunPermit {
 }
 
 impl TrainManager {
-    pub fn new(max_example_bytes: usize) -> Self {
+    pub fn new(max_example_bytes: usize, idle_timeout: std::time::Duration) -> Self {
         Self {
             slot: Arc::new(tokio::sync::Mutex::new(())),
             max_example_bytes,
+            idle_timeout,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
