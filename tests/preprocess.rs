@@ -50,11 +50,26 @@ fn grey_png(w: u32, h: u32) -> Vec<u8> {
 }
 
 fn wav_i16(rate: u32, channels: u16, samples: &[i16]) -> Vec<u8> {
+    wav(rate, channels, 16, hound::SampleFormat::Int, samples)
+}
+
+/// A 32-bit float WAV; `samples` interleaved by channel.
+fn wav_f32(rate: u32, channels: u16, samples: &[f32]) -> Vec<u8> {
+    wav(rate, channels, 32, hound::SampleFormat::Float, samples)
+}
+
+fn wav<S: hound::Sample + Copy>(
+    rate: u32,
+    channels: u16,
+    bits_per_sample: u16,
+    sample_format: hound::SampleFormat,
+    samples: &[S],
+) -> Vec<u8> {
     let spec = hound::WavSpec {
         channels,
         sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
+        bits_per_sample,
+        sample_format,
     };
     let mut cursor = Cursor::new(Vec::new());
     let mut w = hound::WavWriter::new(&mut cursor, spec).unwrap();
@@ -212,25 +227,15 @@ fn infinity_in_pcm() {
 
 #[test]
 fn infinity_in_float_wav() {
-    let spec = hound::WavSpec {
-        channels: 2,
-        sample_rate: 8000,
-        bits_per_sample: 32,
-        sample_format: hound::SampleFormat::Float,
-    };
-    let mut cursor = Cursor::new(Vec::new());
-    let mut w = hound::WavWriter::new(&mut cursor, spec).unwrap();
-    for i in 0..200 {
-        w.write_sample(0.1f32).unwrap();
-        w.write_sample(if i == 100 { f32::NEG_INFINITY } else { 0.1 })
-            .unwrap();
-    }
-    w.finalize().unwrap();
+    // Stereo: the right channel of frame 100 is -inf.
+    let samples: Vec<f32> = (0..400)
+        .map(|i| if i == 201 { f32::NEG_INFINITY } else { 0.1 })
+        .collect();
     let e = fails(
         &pre(),
         0,
         good_image(),
-        AudioInput::Wav(cursor.into_inner()),
+        AudioInput::Wav(wav_f32(8000, 2, &samples)),
     );
     assert_err(
         &e,
@@ -241,24 +246,14 @@ fn infinity_in_float_wav() {
 
 #[test]
 fn unscaled_float_wav_is_refused() {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: 8000,
-        bits_per_sample: 32,
-        sample_format: hound::SampleFormat::Float,
-    };
-    let mut cursor = Cursor::new(Vec::new());
-    let mut w = hound::WavWriter::new(&mut cursor, spec).unwrap();
-    for i in 0..200 {
-        w.write_sample(if i == 50 { 12000.0f32 } else { 0.1 })
-            .unwrap();
-    }
-    w.finalize().unwrap();
+    let samples: Vec<f32> = (0..200)
+        .map(|i| if i == 50 { 12000.0 } else { 0.1 })
+        .collect();
     let e = fails(
         &pre(),
         1,
         good_image(),
-        AudioInput::Wav(cursor.into_inner()),
+        AudioInput::Wav(wav_f32(8000, 1, &samples)),
     );
     assert_err(
         &e,
