@@ -80,7 +80,7 @@ pub struct ServeConfig {
     pub max_concurrent_preprocess: usize,
 
     /// Longest audio clip accepted, in seconds.
-    #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0, value_parser = positive_seconds)]
+    #[arg(long, env = "FUSION_MAX_AUDIO_SECONDS", default_value_t = 30.0, value_parser = positive_seconds_f32)]
     pub max_audio_seconds: f32,
 
     /// How often to check the model store for a newly activated version (trained by
@@ -98,7 +98,7 @@ pub struct ServeConfig {
 
     /// Longest a Train client may go without sending its next example, in seconds;
     /// past it the run ends with DEADLINE_EXCEEDED and frees the training lock.
-    #[arg(long, env = "FUSION_TRAIN_IDLE_TIMEOUT_SECS", default_value_t = 60.0, value_parser = positive_seconds_f64)]
+    #[arg(long, env = "FUSION_TRAIN_IDLE_TIMEOUT_SECS", default_value_t = 60.0, value_parser = positive_seconds)]
     pub train_idle_timeout_secs: f64,
 
     /// After SIGTERM, keep serving this long while reporting NOT_SERVING, so load
@@ -163,7 +163,8 @@ fn seconds(s: &str) -> Result<f64, String> {
     }
 }
 
-fn positive_seconds_f64(s: &str) -> Result<f64, String> {
+/// A duration in seconds: above 0, at most a day.
+fn positive_seconds(s: &str) -> Result<f64, String> {
     match seconds(s)? {
         v if v > 0.0 => Ok(v),
         _ => Err(format!(
@@ -172,15 +173,8 @@ fn positive_seconds_f64(s: &str) -> Result<f64, String> {
     }
 }
 
-fn positive_seconds(s: &str) -> Result<f32, String> {
-    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
-    if v > 0.0 && f64::from(v) <= MAX_SECONDS {
-        Ok(v)
-    } else {
-        Err(format!(
-            "must be a number of seconds above 0, at most {MAX_SECONDS}"
-        ))
-    }
+fn positive_seconds_f32(s: &str) -> Result<f32, String> {
+    positive_seconds(s).map(|v| v as f32)
 }
 
 #[cfg(test)]

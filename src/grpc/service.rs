@@ -201,17 +201,17 @@ impl Stream for ObservedRun {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
         let next = self.events.as_mut().poll_next(cx);
-        if let std::task::Poll::Ready(item) = &next {
-            let code = match item {
-                Some(Ok(_)) => None,
-                Some(Err(status)) => Some(status.code()),
-                None => Some(tonic::Code::Ok),
-            };
-            if let Some(code) = code {
-                if let Some(mut inflight) = self.inflight.take() {
-                    inflight.code = Some(code);
-                }
+        let ended = match &next {
+            Poll::Ready(Some(Err(status))) => Some(status.code()),
+            Poll::Ready(None) => Some(tonic::Code::Ok),
+            _ => None,
+        };
+        // Recorded once: taking the guard out drops it.
+        if let Some(code) = ended {
+            if let Some(mut inflight) = self.inflight.take() {
+                inflight.code = Some(code);
             }
         }
         next

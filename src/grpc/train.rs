@@ -329,13 +329,9 @@ async fn read_examples(
         let next = tokio::select! {
             m = stream.message() => m,
             _ = draining.wait_for(|d| *d) => return Err(shutting_down()),
-            _ = tokio::time::sleep(idle) => return Err(TrainError::BadMessage {
-                code: tonic::Code::DeadlineExceeded,
-                message: format!(
-                    "examples[{index}]: nothing arrived for {:.0?} (--train-idle-timeout-secs); the run was stopped and nothing was trained",
-                    idle
-                ),
-            }),
+            _ = tokio::time::sleep(idle) => return Err(TrainError::IdleTimeout(format!(
+                "examples[{index}]: nothing arrived for {idle:.0?} (--train-idle-timeout-secs); the run was stopped and nothing was trained"
+            ))),
         };
         let message = match next {
             Ok(Some(m)) => m,

@@ -49,6 +49,9 @@ pub enum TrainError {
     Diverged(String),
     #[error("{0}")]
     Cancelled(String),
+    /// The client stopped sending examples for longer than the idle timeout.
+    #[error("{0}")]
+    IdleTimeout(String),
     /// A message the client sent could not be read: malformed or over the size limit.
     #[error("{message}")]
     BadMessage { code: Code, message: String },
@@ -66,6 +69,7 @@ impl TrainError {
             TrainError::ResourceExhausted(_) => Code::ResourceExhausted,
             TrainError::Diverged(_) => Code::Aborted,
             TrainError::Cancelled(_) => Code::Cancelled,
+            TrainError::IdleTimeout(_) => Code::DeadlineExceeded,
             TrainError::BadMessage { code, .. } => *code,
             TrainError::Serve(e) => e.code(),
             TrainError::Internal(_) => Code::Internal,
@@ -89,7 +93,8 @@ impl TrainError {
     /// The `outcome` label of `fusion_train_runs_total` for a run that ended so.
     pub fn outcome(&self) -> &'static str {
         match self.code() {
-            Code::Cancelled => "cancelled",
+            // A client that stalls has abandoned the run as much as one that leaves.
+            Code::Cancelled | Code::DeadlineExceeded => "cancelled",
             Code::InvalidArgument
             | Code::FailedPrecondition
             | Code::ResourceExhausted
